@@ -1,0 +1,74 @@
+# amodal3d — every target installs what it needs first (`setup` is idempotent).
+# Usage: make train STAGE=recon [EXP=name] [DEBUG=fdr|tiny|overfit] [RESUME=run_id] [OVERRIDES="trainer.max_epochs=3"]
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
+
+STAGE ?= recon
+EXP ?=
+DEBUG ?=
+RESUME ?=
+OVERRIDES ?=
+PORT ?= 6006
+PYTEST_ARGS ?=
+
+CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
+
+.PHONY: setup test test-all train data validate bench bench-table bench-speed bench-loader bench-raster sheets tensorboard stages clean help
+
+help:
+	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench | bench-table | bench-speed | bench-loader | bench-raster | sheets | tensorboard | stages | clean"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+train: setup
+	$(PY) -m amodal3d train --stage $(STAGE) $(CFG_ARGS) $(if $(RESUME),--resume $(RESUME)) $(OVERRIDES)
+
+data: setup
+	$(PY) -m amodal3d data $(CFG_ARGS) $(OVERRIDES)
+
+validate: setup
+	$(PY) -m amodal3d validate $(CFG_ARGS) $(OVERRIDES)
+
+bench: setup
+	$(PY) -m amodal3d bench all $(OVERRIDES)
+
+bench-table: setup
+	$(PY) -m amodal3d bench table $(OVERRIDES)
+
+bench-speed: setup
+	$(PY) -m amodal3d bench speed $(OVERRIDES)
+
+bench-loader: setup
+	$(PY) -m amodal3d bench loader $(OVERRIDES)
+
+bench-raster: setup
+	$(PY) -m amodal3d bench raster $(OVERRIDES)
+
+sheets: setup
+	$(PY) -m amodal3d sheets $(CFG_ARGS) $(OVERRIDES)
+
+stages: setup
+	$(PY) -m amodal3d stages
+
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir runs --port $(PORT)
+
+clean:
+	rm -rf .pytest_cache bench/tb

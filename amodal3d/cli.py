@@ -1,0 +1,132 @@
+"""The one command-line interface; the make targets are thin wrappers around it.
+
+    python -m amodal3d train --stage recon [--exp NAME] [--resume RUN_ID] [key=value ...]
+    python -m amodal3d data [--exp NAME] [key=value ...]
+    python -m amodal3d validate [--root DIR | --exp NAME]
+    python -m amodal3d bench [...]
+    python -m amodal3d sheets
+    python -m amodal3d stages
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from amodal3d.config import ConfigError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from amodal3d.train import train_from_args
+
+    summary = train_from_args(args.stage, args.exp, args.overrides, args.resume, args.debug)
+    print(f"[done] {summary['stage']} run {summary['run_id']}: best {summary['best_score']} "
+          f"in {summary['train_seconds']:.0f}s -> {summary['run_dir']}")
+    return 0
+
+
+def _data_config(args: argparse.Namespace):
+    from amodal3d.config import load_config
+
+    return load_config(args.stage, args.exp, args.overrides, debug=args.debug)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from datamodules.build import build_dataset
+
+    cfg = _data_config(args)
+    manifest = build_dataset(cfg.data, progress=True)
+    counts = manifest.get("counts", {})
+    print(f"[data] {cfg.data.root}: {counts}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from datamodules.shards import validate_dataset
+
+    root = args.root or _data_config(args).data.root
+    report = validate_dataset(root)
+    print(report if isinstance(report, str) else "\n".join(f"{k}: {v}" for k, v in dict(report).items()))
+    return 0
+
+
+def _cmd_sheets(args: argparse.Namespace) -> int:
+    from datamodules.sheet_composites import composite_contact_sheet
+    from datamodules.sources.sheet import object_contact_sheet
+
+    cfg = _data_config(args)
+    object_contact_sheet(cfg.data, f"{args.out}/synth13_objects.png")
+    composite_contact_sheet(cfg.data.root, "test", f"{args.out}/composites.png")
+    print(f"[sheets] wrote {args.out}/synth13_objects.png and {args.out}/composites.png")
+    return 0
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from lightning_modules.registry import available_stages, get_stage
+
+    for name in available_stages():
+        spec = get_stage(name)
+        deps = f" (needs: {', '.join(spec.depends_on)})" if spec.depends_on else ""
+        print(f"{name:12s} {spec.help}{deps}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from amodal3d.bench.run import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def _add_config_args(p: argparse.ArgumentParser, stage_default: str | None = None) -> None:
+    p.add_argument("--exp", default=None, help="named experiment (experiments/exp/<name>.yaml)")
+    p.add_argument("--stage", default=stage_default, help="stage whose config to merge")
+    p.add_argument("--debug", default=None, help="debug preset (experiments/debug/)")
+    p.add_argument("overrides", nargs="*", help="dot-overrides, e.g. trainer.max_epochs=3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="amodal3d", description="Amodal segmentation guided by a 3D shape prior")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one stage (or a baseline)")
+    p.add_argument("--stage", required=True, help="stage name; `amodal3d stages` lists them")
+    p.add_argument("--exp", default=None, help="named experiment (experiments/exp/<name>.yaml)")
+    p.add_argument("--resume", default=None, help="run id to resume (continues last.ckpt)")
+    p.add_argument("--debug", default=None, help="debug preset: fdr | tiny | overfit (experiments/debug/)")
+    p.add_argument("overrides", nargs="*", help="dot-overrides, e.g. trainer.max_epochs=3")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="build the occlusion dataset into HDF5 shards (idempotent, resumable)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("validate", help="check a dataset: manifest, checksums, shapes, invariants")
+    p.add_argument("--root", default=None, help="dataset folder (default: data.root of the config)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("sheets", help="write contact-sheet PNGs of objects and composites")
+    p.add_argument("--out", default="docs", help="output folder")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_sheets)
+
+    p = sub.add_parser("stages", help="list the stages and what they need")
+    p.set_defaults(func=_cmd_stages)
+
+    p = sub.add_parser("bench", help="results table and speed figures (`bench --help`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

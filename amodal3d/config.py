@@ -1,0 +1,242 @@
+"""Typed experiment configs: schema first, then base, stage, experiment, overrides.
+
+The schema is a tree of dataclasses, so a misspelt or unknown key fails at load
+time with the closest valid keys named, instead of being silently ignored.
+Each stage registers the dataclass of its `model` section (see
+lightning_modules.registry); everything else is shared.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+
+@dataclass
+class DataConfig:
+    """What dataset to build (`make data`) and read (training, bench)."""
+
+    root: str = "data/synth13-erase"
+    source: str = "synth13"  # synth13 | nmr | shapenet
+    source_path: str = ""  # folder of the nmr npz files or the ShapeNetCore tree
+    categories: list[str] = field(default_factory=lambda: ["all"])
+    objects_per_split: dict[str, int] = field(
+        default_factory=lambda: {"train": 40, "val": 6, "test": 8}
+    )
+    views: int = 24
+    render_size: int = 64
+    composite: str = "erase"  # erase | paste
+    image_size: int = 64
+    occluders_min: int = 1
+    occluders_max: int = 2
+    occlusion_min: float = 0.1
+    occlusion_max: float = 0.7
+    paste_objects_min: int = 2
+    paste_objects_max: int = 4
+    paste_images_per_split: dict[str, int] = field(
+        default_factory=lambda: {"train": 4000, "val": 500, "test": 1000}
+    )
+    shard_size: int = 4096
+    seed: int = 0
+
+
+@dataclass
+class LoaderConfig:
+    """How instances are cropped and batched."""
+
+    batch_size: int = 32
+    num_workers: int = 2
+    crop_size: int = 64
+    crop_margin: float = 1.15
+    pin_memory: bool = False
+    persistent_workers: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to lightning.Trainer (subset that experiments need)."""
+
+    max_epochs: int = 10
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 20
+    fast_dev_run: Any = False
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    val_check_interval: Any = 1.0
+    check_val_every_n_epoch: int = 1
+    gradient_clip_val: Any = None
+    deterministic: bool = False
+    enable_progress_bar: Any = None  # None: bars on a terminal, plain lines otherwise
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "cosine"  # cosine | none
+    warmup_epochs: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Where the run folder lives and how it is named."""
+
+    root: str = "runs"
+    run_id: str = ""  # empty: a timestamp; under SLURM: $SLURM_JOB_ID
+    resume: str = ""  # a run id of the same experiment and stage
+    monitor: str = "val/miou"
+    monitor_mode: str = "max"
+    image_log_every_n_epochs: int = 1
+    checkpoints: dict[str, str] = field(default_factory=dict)  # stage -> ckpt path override
+
+
+@dataclass
+class Config:
+    stage: str = "recon"
+    experiment: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    model: Any = None
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _valid_keys(node: Any, dotted: str) -> list[str]:
+    """Keys valid at the parent of `dotted` in the schema (for suggestions)."""
+    parts = dotted.split(".")[:-1]
+    for p in parts:
+        if isinstance(node, DictConfig) and p in node:
+            node = node[p]
+        else:
+            return []
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        valid = _valid_keys(schema, key)
+        leaf = key.split(".")[-1]
+        close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        return ConfigError(
+            f"{origin}: unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}"
+        )
+    return ConfigError(f"{origin}: invalid value for '{key}': {err.msg if hasattr(err, 'msg') else err}")
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
+        raise _explain(err, base, origin) from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry line numbers
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def stage_file(stage: str) -> Path:
+    return EXPERIMENTS_DIR / "stage" / f"{stage}.yaml"
+
+
+def experiment_file(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    return EXPERIMENTS_DIR / "exp" / f"{name}.yaml"
+
+
+def load_config(
+    stage: str | None,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    model_schema: type | None = None,
+    debug: str | None = None,
+) -> DictConfig:
+    """Schema -> base.yaml -> stage/<stage>.yaml -> exp/<experiment>.yaml
+    -> debug/<debug>.yaml -> command-line dot-overrides.
+
+    stage=None loads only the shared sections (for `make data`, `validate`).
+    """
+    if stage is None:
+        model_schema = object
+    elif model_schema is None:
+        from lightning_modules.registry import get_stage
+
+        model_schema = get_stage(stage).model_schema
+    schema = OmegaConf.structured(Config)
+    schema.model = OmegaConf.structured(model_schema) if is_dataclass(model_schema) else {}
+    OmegaConf.set_struct(schema, True)
+    cfg = _merge(schema, _load_yaml(EXPERIMENTS_DIR / "base.yaml"), "experiments/base.yaml")
+    sf = stage_file(stage) if stage else None
+    if sf is not None and sf.is_file():
+        cfg = _merge(cfg, _load_yaml(sf), str(sf.relative_to(REPO_ROOT)))
+    if experiment:
+        ef = experiment_file(experiment)
+        if not ef.is_file():
+            avail = sorted(p.stem for p in (EXPERIMENTS_DIR / "exp").glob("*.yaml"))
+            raise ConfigError(
+                f"experiment {experiment!r} not found at {ef}; available: {', '.join(avail)}"
+            )
+        cfg = _merge(cfg, _load_yaml(ef), str(ef))
+        cfg.experiment = Path(experiment).stem
+    if debug:
+        df = EXPERIMENTS_DIR / "debug" / f"{debug}.yaml"
+        if not df.is_file():
+            avail = sorted(p.stem for p in (EXPERIMENTS_DIR / "debug").glob("*.yaml"))
+            raise ConfigError(f"debug preset {debug!r} not found at {df}; available: {', '.join(avail)}")
+        cfg = _merge(cfg, _load_yaml(df), str(df.relative_to(REPO_ROOT)))
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.path=value")
+        key, value = ov.split("=", 1)
+        try:
+            dotted = OmegaConf.from_dotlist([f"{key}={value}"])
+        except Exception as err:
+            raise ConfigError(f"override {ov!r}: {err}") from None
+        cfg = _merge(cfg, dotted, f"override {ov!r}")
+    if stage:
+        cfg.stage = stage
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def dataclass_keys(dc: type) -> list[str]:
+    return [f.name for f in fields(dc)]
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.replace(path)

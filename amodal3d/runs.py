@@ -1,0 +1,81 @@
+"""Run folders: runs/<experiment>/<stage>/<run_id>/ and the checkpoints inside.
+
+A run folder holds config.yaml (the resolved config), checkpoints/last.ckpt and
+checkpoints/best.ckpt, the TensorBoard event files (the logger's version is
+pinned to the run id so a resumed run continues the same curves) and
+summary.json, written when training ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from amodal3d.config import REPO_ROOT
+
+
+def runs_root(root: str | os.PathLike = "runs") -> Path:
+    p = Path(root)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def new_run_id() -> str:
+    """$SLURM_JOB_ID under SLURM (so a requeued job finds its folder), else a timestamp."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        array = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{array}" if array else job
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_dir(root: str | os.PathLike, experiment: str, stage: str, run_id: str) -> Path:
+    return runs_root(root) / experiment / stage / run_id
+
+
+def list_runs(root: str | os.PathLike, experiment: str, stage: str) -> list[Path]:
+    """Run folders of an experiment's stage, oldest first (by folder mtime, then name)."""
+    base = runs_root(root) / experiment / stage
+    if not base.is_dir():
+        return []
+    runs = [p for p in base.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def best_checkpoint(run: Path) -> Path | None:
+    for name in ("best.ckpt", "last.ckpt"):
+        p = run / "checkpoints" / name
+        if p.is_file():
+            return p
+    return None
+
+
+def find_stage_checkpoint(
+    stage: str, experiment: str, root: str | os.PathLike = "runs", override: str | None = None
+) -> Path:
+    """The checkpoint a dependent stage consumes: an explicit path, else the best
+    checkpoint of the stage's latest run; a clear error naming the command that
+    produces it when there is none."""
+    if override:
+        p = Path(override)
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint for stage {stage!r} not found: {p} (run.checkpoints.{stage})")
+        return p
+    for run in reversed(list_runs(root, experiment, stage)):
+        ckpt = best_checkpoint(run)
+        if ckpt is not None:
+            return ckpt
+    exp_arg = "" if experiment == "default" else f" EXP={experiment}"
+    raise FileNotFoundError(
+        f"no checkpoint of stage {stage!r} under {runs_root(root) / experiment / stage}: "
+        f"train it first with `make train STAGE={stage}{exp_arg}` "
+        f"or set run.checkpoints.{stage}=<path/to.ckpt>"
+    )
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)

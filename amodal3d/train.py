@@ -1,0 +1,214 @@
+"""The training runner behind `make train`: config -> data -> stage -> Trainer.fit.
+
+Lightning owns the loop, checkpoints, DDP and SLURM; this file only wires the
+run folder, logger, callbacks and resume logic around it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from amodal3d.config import ConfigError, load_config, save_config
+from amodal3d.runs import new_run_id, run_dir, runs_root, write_json_atomic
+from lightning_modules.registry import StageSpec, get_stage
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Number of training processes the trainer settings ask for."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, int):
+        n = devices
+    elif isinstance(devices, str) and devices.isdigit():
+        n = int(devices)
+    elif devices in ("auto", -1, "-1"):
+        n = max(torch.cuda.device_count(), 1) if _uses_gpu(cfg) else 1
+    else:  # a list of device ids
+        n = len(devices)
+    return max(n, 1) * int(cfg.trainer.num_nodes)
+
+
+def _uses_gpu(cfg: DictConfig) -> bool:
+    acc = str(cfg.trainer.accelerator)
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def per_rank_batch_size(cfg: DictConfig) -> int:
+    """loader.batch_size is the global batch; each rank gets an equal share."""
+    world = world_size(cfg)
+    bs = int(cfg.loader.batch_size)
+    if bs % world:
+        raise ConfigError(
+            f"loader.batch_size={bs} is the global batch size and must divide evenly over "
+            f"{world} processes (trainer.devices x trainer.num_nodes); choose a multiple of {world}"
+        )
+    return bs // world
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """Refuse precisions the device cannot run, with a message saying what to use."""
+    prec = str(cfg.trainer.precision)
+    gpu = _uses_gpu(cfg)
+    if prec in ("16-mixed", "16", "16-true") and not gpu:
+        raise ConfigError(
+            f"trainer.precision={prec} needs a CUDA GPU; on the CPU use 32-true or bf16-mixed"
+        )
+    if prec.startswith("bf16") and gpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError(
+            f"trainer.precision={prec}: this GPU has no bfloat16 support; use 16-mixed or 32-true"
+        )
+
+
+def build_datamodule(cfg: DictConfig, spec: StageSpec) -> L.LightningDataModule:
+    loader = OmegaConf.merge(cfg.loader, {"batch_size": per_rank_batch_size(cfg)})
+    if spec.data == "crops":
+        from datamodules.crops import CropDataModule
+
+        return CropDataModule(cfg.data, loader)
+    if spec.data == "images":
+        from datamodules.images import DetectionDataModule
+
+        return DetectionDataModule(cfg.data, loader)
+    raise ValueError(f"stage {spec.name}: unknown data kind {spec.data!r}")
+
+
+def _progress_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], bool]:
+    from callbacks.progress import PlainProgress
+
+    bar = cfg.trainer.enable_progress_bar
+    if bar is None:
+        bar = sys.stderr.isatty()
+    return ([] if bar else [PlainProgress()]), bool(bar)
+
+
+def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """A Trainer whose logs and checkpoints live in the run folder `out`."""
+    from callbacks.guards import FiniteLossGuard
+
+    t = cfg.trainer
+    check_precision(cfg)
+    logger = TensorBoardLogger(save_dir=str(out.parent), name="", version=out.name, default_hp_metric=False)
+    ckpt = ModelCheckpoint(
+        dirpath=str(out / "checkpoints"),
+        filename="best",
+        monitor=cfg.run.monitor,
+        mode=cfg.run.monitor_mode,
+        save_last=True,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    progress, bar = _progress_callbacks(cfg)
+    callbacks = [ckpt, LearningRateMonitor(logging_interval="epoch"), FiniteLossGuard(), *progress]
+    callbacks += extra_callbacks or []
+    strategy = t.strategy
+    if strategy == "auto" and world_size(cfg) > 1:
+        strategy = "ddp"
+    return L.Trainer(
+        default_root_dir=str(out),
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        log_every_n_steps=t.log_every_n_steps,
+        fast_dev_run=t.fast_dev_run,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        gradient_clip_val=t.gradient_clip_val,
+        deterministic=t.deterministic,
+        enable_progress_bar=bar,
+        logger=logger,
+        callbacks=callbacks,
+    )
+
+
+def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
+    """Pick the run folder and the checkpoint to resume from.
+
+    RESUME=<id> continues runs/<exp>/<stage>/<id>/checkpoints/last.ckpt. Under
+    SLURM a requeued job gets the same run id ($SLURM_JOB_ID) and ckpt_path stays
+    None, so Lightning restores its own HPC checkpoint from the run folder.
+    """
+    root = cfg.run.root
+    if cfg.run.resume:
+        out = run_dir(root, cfg.experiment, cfg.stage, cfg.run.resume)
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"cannot resume run {cfg.run.resume!r}: {last} does not exist "
+                f"(runs of this stage are under {runs_root(root) / cfg.experiment / cfg.stage})"
+            )
+        return out, str(last)
+    run_id = cfg.run.run_id or new_run_id()
+    out = run_dir(root, cfg.experiment, cfg.stage, run_id)
+    cfg.run.run_id = run_id
+    return out, None
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one stage as configured; returns the run summary."""
+    spec = get_stage(cfg.stage)
+    L.seed_everything(int(cfg.seed), workers=True)
+    out, ckpt_path = prepare_run(cfg)
+    from datamodules.build import ensure_dataset
+
+    ensure_dataset(cfg.data)
+    dm = build_datamodule(cfg, spec)
+    module = spec.module(cfg)
+    trainer = make_trainer(cfg, out)
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        print(f"[run] {spec.name}: {out}", flush=True)
+    t0 = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    summary = {
+        "stage": spec.name,
+        "experiment": cfg.experiment,
+        "run_id": out.name,
+        "run_dir": str(out),
+        "train_seconds": time.time() - t0,
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "best_checkpoint": trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "",
+        "best_score": _to_float(trainer.checkpoint_callback.best_model_score) if trainer.checkpoint_callback else None,
+        "metrics": {k: _to_float(v) for k, v in trainer.callback_metrics.items()},
+        "device": str(module.device),
+        "world_size": trainer.world_size,
+    }
+    if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _to_float(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def train_from_args(
+    stage: str, experiment: str | None, overrides: list[str], resume: str | None, debug: str | None = None
+) -> dict:
+    ov = list(overrides)
+    if resume:
+        ov.append(f"run.resume={resume}")
+    cfg = load_config(stage, experiment, ov, debug=debug)
+    os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+    return train(cfg)

@@ -1,0 +1,1 @@
+"""Lightning callbacks: progress lines, TensorBoard images and meshes, timing, guards."""

@@ -1,0 +1,1 @@
+"""Object sources, occlusion composites, HDF5 shards and LightningDataModules."""

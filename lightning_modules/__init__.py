@@ -1,0 +1,1 @@
+"""One LightningModule per stage (and baselines/); they orchestrate, models/ computes."""

@@ -1,0 +1,1 @@
+"""Classic baselines trained and benchmarked with the same data and metrics."""

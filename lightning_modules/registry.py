@@ -1,0 +1,65 @@
+"""Stage registry: a stage name maps to its LightningModule, config schema and data.
+
+Stages are discovered by convention, so adding one needs no central edit: the
+module `lightning_modules/<name>.py` (or `lightning_modules/baselines/<name>.py`)
+defines `STAGE = StageSpec(...)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_PACKAGES = ("lightning_modules", "lightning_modules.baselines")
+_NOT_STAGES = {"registry", "common", "checkpoints"}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the runner needs to know about a stage.
+
+    module: the LightningModule class, constructed as module(cfg).
+    model_schema: dataclass of the config's `model` section.
+    data: "crops" (per-instance crops) or "images" (whole images, detection).
+    depends_on: stages whose frozen checkpoints this one consumes.
+    method: the row name in the results table (None: not a benchmarked method).
+    """
+
+    name: str
+    module: type
+    model_schema: type
+    data: str = "crops"
+    depends_on: tuple[str, ...] = ()
+    method: str | None = None
+    help: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _module_names() -> list[str]:
+    names = []
+    for pkg in _PACKAGES:
+        path = Path(importlib.import_module(pkg).__file__).parent
+        for info in pkgutil.iter_modules([str(path)]):
+            if not info.ispkg and info.name not in _NOT_STAGES and not info.name.startswith("_"):
+                names.append(f"{pkg}.{info.name}")
+    return names
+
+
+def available_stages() -> list[str]:
+    """Names of every stage module present (without importing them)."""
+    return sorted(n.rsplit(".", 1)[1] for n in _module_names())
+
+
+def get_stage(name: str) -> StageSpec:
+    """The StageSpec of `name`, with a clear error listing the valid stages."""
+    for mod_name in _module_names():
+        if mod_name.rsplit(".", 1)[1] == name:
+            spec = getattr(importlib.import_module(mod_name), "STAGE", None)
+            if not isinstance(spec, StageSpec):
+                raise RuntimeError(f"{mod_name} does not define STAGE = StageSpec(...)")
+            return spec
+    raise ValueError(
+        f"unknown stage {name!r}: available stages are {', '.join(available_stages())}"
+    )
