@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 
-.PHONY: setup test test-all train data validate bench bench-table bench-speed bench-loader bench-raster sheets tensorboard stages clean help
+.PHONY: slurm setup test test-all train data validate bench bench-table bench-speed bench-loader bench-raster sheets tensorboard stages clean help
 
 help:
 	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench | bench-table | bench-speed | bench-loader | bench-raster | sheets | tensorboard | stages | clean"
@@ -72,3 +72,14 @@ tensorboard: setup
 
 clean:
 	rm -rf .pytest_cache bench/tb
+
+# make slurm STAGE=recon NODES=2 GPUS=4 TIME=04:00:00 PARTITION=gpu [SWEEP=file] [DRY=1]
+NODES ?= 1
+GPUS ?= 1
+TIME ?= 24:00:00
+PARTITION ?=
+SWEEP ?=
+DRY ?=
+slurm: setup
+	$(PY) -m amodal3d slurm --stage $(STAGE) $(CFG_ARGS) --nodes $(NODES) --gpus $(GPUS) --time $(TIME) \
+		$(if $(PARTITION),--partition $(PARTITION)) $(if $(SWEEP),--sweep $(SWEEP)) $(if $(DRY),--dry-run) $(OVERRIDES)

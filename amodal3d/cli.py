@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from amodal3d.config import ConfigError
 
@@ -71,6 +72,33 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_slurm(args: argparse.Namespace) -> int:
+    from amodal3d.slurm import SlurmRequest, render_sbatch, write_and_submit
+
+    sweep: tuple[str, ...] = ()
+    if args.sweep:
+        lines = Path(args.sweep).read_text().splitlines()
+        sweep = tuple(ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
+        if not sweep:
+            raise ValueError(f"sweep file {args.sweep} has no override lines")
+    # fail early on a bad stage, experiment or override, before anything is submitted
+    from amodal3d.config import load_config
+
+    load_config(args.stage, args.exp, args.overrides, debug=args.debug)
+    req = SlurmRequest(
+        stage=args.stage, experiment=args.exp, nodes=args.nodes, gpus=args.gpus, time=args.time,
+        partition=args.partition, cpus_per_task=args.cpus, overrides=tuple(args.overrides),
+        sweep=sweep, account=args.account, debug=args.debug,
+    )
+    path, job = write_and_submit(req, dry_run=args.dry_run)
+    if args.dry_run:
+        print(path.read_text(), end="")
+        print(f"[slurm] dry run: wrote {path} (not submitted)")
+    else:
+        print(f"[slurm] submitted {path} as job {job}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from amodal3d.bench.run import main as bench_main
 
@@ -109,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs", help="output folder")
     _add_config_args(p)
     p.set_defaults(func=_cmd_sheets)
+
+    p = sub.add_parser("slurm", help="write an sbatch script for a stage and submit it")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--exp", default=None)
+    p.add_argument("--debug", default=None)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (= tasks) per node")
+    p.add_argument("--time", default="24:00:00")
+    p.add_argument("--partition", default="")
+    p.add_argument("--account", default="")
+    p.add_argument("--cpus", type=int, default=8, help="CPUs per task (data loader workers)")
+    p.add_argument("--sweep", default=None, help="file with one line of overrides per array task")
+    p.add_argument("--dry-run", action="store_true", help="write and print the script, do not submit")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_cmd_slurm)
 
     p = sub.add_parser("stages", help="list the stages and what they need")
     p.set_defaults(func=_cmd_stages)

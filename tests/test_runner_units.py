@@ -1,0 +1,80 @@
+"""Runner rules that need no training: batch split, precision, resume, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from amodal3d.config import ConfigError, load_config
+from amodal3d.runs import find_stage_checkpoint, list_runs
+from amodal3d.train import check_precision, per_rank_batch_size, prepare_run, world_size
+
+
+def _cfg(*ov):
+    return load_config(None, None, list(ov))
+
+
+def test_global_batch_is_split_across_processes():
+    cfg = _cfg("loader.batch_size=32", "trainer.devices=4", "trainer.num_nodes=2", "trainer.accelerator=cpu")
+    assert world_size(cfg) == 8
+    assert per_rank_batch_size(cfg) == 4
+
+
+def test_batch_that_does_not_divide_is_refused():
+    cfg = _cfg("loader.batch_size=30", "trainer.devices=4", "trainer.accelerator=cpu")
+    with pytest.raises(ConfigError, match="loader.batch_size=30"):
+        per_rank_batch_size(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp16_refused_on_cpu_with_advice():
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        check_precision(_cfg("trainer.precision=16-mixed", "trainer.accelerator=cpu"))
+    check_precision(_cfg("trainer.precision=bf16-mixed", "trainer.accelerator=cpu"))
+
+
+def test_resume_of_unknown_run_names_the_missing_checkpoint(tmp_path: Path):
+    cfg = _cfg(f"run.root={tmp_path}", "run.resume=nope")
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        prepare_run(cfg)
+
+
+def test_resume_picks_last_ckpt_of_that_run(tmp_path: Path):
+    run = tmp_path / "default" / "recon" / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    cfg = _cfg(f"run.root={tmp_path}", "run.resume=r1")
+    cfg.stage = "recon"
+    out, ckpt = prepare_run(cfg)
+    assert out == run and ckpt == str(run / "checkpoints" / "last.ckpt")
+
+
+def test_slurm_job_id_is_the_run_id(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    cfg = _cfg(f"run.root={tmp_path}")
+    cfg.stage = "recon"
+    out, ckpt = prepare_run(cfg)
+    assert out.name == "777" and ckpt is None
+
+
+def test_missing_dependency_checkpoint_names_the_command(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="make train STAGE=recon EXP=e1"):
+        find_stage_checkpoint("recon", "e1", root=str(tmp_path))
+
+
+def test_latest_run_with_a_checkpoint_is_used(tmp_path: Path):
+    import os
+    import time
+
+    for i, name in enumerate(["a", "b", "c"]):
+        run = tmp_path / "default" / "recon" / name
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("x: 1\n")
+        if name != "c":
+            (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+        t = time.time() - 100 + i
+        os.utime(run, (t, t))
+    assert [p.name for p in list_runs(tmp_path, "default", "recon")] == ["a", "b", "c"]
+    assert find_stage_checkpoint("recon", "default", root=str(tmp_path)).parent.parent.name == "b"
