@@ -1,0 +1,1 @@
+"""Benchmarks: results table and speed figures."""

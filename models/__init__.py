@@ -1,0 +1,1 @@
+"""Plain nn.Modules: encoders, mesh decoder, camera head, renderer wrappers, refine net."""
