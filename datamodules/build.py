@@ -1,0 +1,400 @@
+"""Build a composite dataset into HDF5 shards: idempotent, resumable, locked.
+
+Units of work are small and deterministic: for `erase`, chunk k of the
+(object, view) samples of one (split, category), `shard_size` samples max, as
+`<split>-<category>-<k>.h5`; for `paste`, chunk k of the scenes of a split,
+`shard_size // paste_objects_max` images max, as `<split>-paste-<k>.h5`. Each
+finished shard gets a sidecar `<shard>.done.json` (sha256, counts, objects);
+a rerun skips every unit whose shard matches its sidecar, so an interrupted
+build loses at most the unit in flight. `manifest.json` is written last: when it
+exists with the same generator config, a build returns at once; with another
+config it is an error. Concurrent builders (DDP ranks, SLURM array jobs)
+serialise on `fcntl.flock(<root>/.lock)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+import h5py
+import numpy as np
+
+from amodal3d.categories import CATEGORIES, category_index, resolve_categories
+from datamodules.composites import GENERATOR_VERSION, CompositeParams, ObjectPool, erase, paste
+from datamodules.shards import (
+    MANIFEST, SCHEMA_VERSION, DatasetError, read_manifest, sha256_file, write_json_atomic, write_shard,
+)
+from datamodules.sources.base import SPLITS, ObjectRenders
+
+LoadObjects = Callable[[Any, str, str], ObjectRenders]
+GENERATOR_FILE = "generator.json"
+LOCK_FILE = ".lock"
+
+
+class BuildConfigError(DatasetError):
+    """data.root already holds (part of) a dataset built with another config."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def data_config_dict(data_cfg: Any) -> dict:
+    """A DataConfig dataclass, OmegaConf node or mapping as a plain dict."""
+    if dataclasses.is_dataclass(data_cfg):
+        return dataclasses.asdict(data_cfg)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(data_cfg, DictConfig):
+            return OmegaConf.to_container(data_cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(data_cfg)
+
+
+def generator_config(data_cfg: Any) -> dict:
+    """The config fields that determine a dataset's content (not where it lives).
+
+    Fields the chosen composite ignores are left out, so changing them does not
+    invalidate a built dataset.
+    """
+    cfg = data_config_dict(data_cfg)
+    gen = {k: v for k, v in cfg.items() if k != "root"}
+    gen["categories"] = resolve_categories(cfg.get("categories"))
+    gen["objects_per_split"] = {k: int(v) for k, v in dict(cfg["objects_per_split"]).items()}
+    if cfg["composite"] == "erase":
+        for k in ("paste_objects_min", "paste_objects_max", "paste_images_per_split"):
+            gen.pop(k, None)
+    else:
+        for k in ("occluders_min", "occluders_max", "occlusion_min"):
+            gen.pop(k, None)
+        gen["paste_images_per_split"] = {k: int(v) for k, v in dict(cfg["paste_images_per_split"]).items()}
+    gen["generator_version"] = GENERATOR_VERSION
+    gen["schema_version"] = SCHEMA_VERSION
+    return gen
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def _params(cfg: dict) -> CompositeParams:
+    return CompositeParams.from_data_config(SimpleNamespace(**cfg))
+
+
+def _splits(cfg: dict) -> list[str]:
+    per = dict(cfg["objects_per_split"])
+    unknown = sorted(set(per) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"data.objects_per_split: unknown split(s) {unknown}; expected {', '.join(SPLITS)}")
+    out = [s for s in SPLITS if int(per.get(s, 0)) > 0]
+    if cfg["composite"] == "paste":
+        out = [s for s in out if int(dict(cfg["paste_images_per_split"]).get(s, 0)) > 0]
+    if not out:
+        raise ValueError("data config builds no split: every objects_per_split (or paste_images_per_split) is 0")
+    return out
+
+
+def _default_load_objects() -> LoadObjects:
+    try:
+        from datamodules.sources import load_objects
+    except ImportError as err:
+        raise ImportError(f"datamodules.sources.load_objects is not available ({err})") from None
+    return load_objects
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Progress:
+    """tqdm on a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled, self.total, self.done, self.t0 = enabled, total, 0, time.time()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="data", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg[:60])
+        else:
+            el = time.time() - self.t0
+            print(f"[data {el:6.0f}s {self.done}/{self.total}] {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def _done_path(root: Path, shard: str) -> Path:
+    return root / f"{shard}.done.json"
+
+
+def _load_done(root: Path, shard: str, gen_hash: str) -> dict | None:
+    """The sidecar of a finished unit, or None if the unit must be (re)built."""
+    p = _done_path(root, shard)
+    if not p.is_file():
+        return None
+    try:
+        done = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if done.get("generator_hash") != gen_hash or done.get("schema_version") != SCHEMA_VERSION:
+        return None
+    rec = done.get("record")
+    if rec is None:  # a unit whose every sample was skipped: no shard file
+        return done
+    f = root / rec["file"]
+    if not f.is_file() or f.stat().st_size != rec["bytes"] or sha256_file(f) != rec["sha256"]:
+        return None
+    return done
+
+
+def _write_unit(root: Path, shard: str, composites: list, attrs: dict, extra: dict, gen_hash: str) -> dict:
+    rec = write_shard(root / f"{shard}.h5", composites, attrs) if composites else None
+    if rec is not None:
+        rec.update({k: v for k, v in attrs.items() if k in ("split", "category", "unit", "chunk")})
+    done = {"schema_version": SCHEMA_VERSION, "generator_hash": gen_hash, "record": rec, **extra}
+    write_json_atomic(_done_path(root, shard), done)
+    return done
+
+
+def _objects_info(objs: ObjectRenders, offset: int) -> dict:
+    return {"offset": offset, "count": objs.num_objects, "views": objs.num_views, "ids": list(objs.object_ids)}
+
+
+def _erase_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tuple[list[dict], dict, dict]:
+    size = int(cfg["shard_size"])
+    records, skipped, objects = [], {}, {}
+    offset = 0
+    for cat in resolve_categories(cfg.get("categories")):
+        first = _load_done(root, f"{split}-{cat}-000", gen_hash)
+        dones = None
+        if first is not None:
+            n_chunks = int(first["num_chunks"])
+            dones = [_load_done(root, f"{split}-{cat}-{k:03d}", gen_hash) for k in range(n_chunks)]
+            info = first["objects"]
+        if dones is None or any(d is None for d in dones):
+            prog.log(f"{split}/{cat}: loading objects")
+            objs = load(data_cfg, cat, split)
+            if objs.category != cat or objs.split != split:
+                raise ValueError(f"load_objects({cat!r}, {split!r}) returned {objs.category}/{objs.split}")
+            info = _objects_info(objs, offset)
+            n, v = objs.num_objects, objs.num_views
+            n_chunks = max(1, math.ceil(n * v / size))
+            dones = dones if dones is not None and len(dones) == n_chunks else [None] * n_chunks
+            for k in range(n_chunks):
+                shard = f"{split}-{cat}-{k:03d}"
+                if dones[k] is None:
+                    dones[k] = _load_done(root, shard, gen_hash)
+                if dones[k] is not None:
+                    prog.update(len(range(k * size, min((k + 1) * size, n * v))))
+                    continue
+                t0 = time.time()
+                comps, skip = [], {}
+                for idx in range(k * size, min((k + 1) * size, n * v)):
+                    o, view = divmod(idx, v)
+                    comp, reason = erase(
+                        objs.rgba[o, view], objs.cameras[o, view], params=params, split=split, category=cat,
+                        object_id=offset + o, view_id=view, index=idx, image_id=(offset + o) * v + view,
+                    )
+                    if comp is None:
+                        skip[reason] = skip.get(reason, 0) + 1
+                    else:
+                        comps.append(comp)
+                    prog.update(1)
+                attrs = {"split": split, "category": cat, "unit": cat, "chunk": k, "composite": "erase"}
+                extra = {"num_chunks": n_chunks, "objects": info, "skipped": skip}
+                dones[k] = _write_unit(root, shard, comps, attrs, extra, gen_hash)
+                prog.log(f"{shard}: {len(comps)} images, skipped {sum(skip.values())} in {time.time() - t0:.1f}s")
+            del objs
+        else:
+            prog.update(int(info["count"]) * int(info["views"]))
+            prog.log(f"{split}/{cat}: {n_chunks} shard(s) already built")
+        if info["offset"] != offset:
+            raise BuildConfigError(f"{root}: shard sidecars of {split}/{cat} disagree on object ids; delete {root}")
+        objects[cat] = info
+        offset += int(info["count"])
+        for d in dones:
+            for r, c in d.get("skipped", {}).items():
+                skipped[r] = skipped.get(r, 0) + c
+            if d["record"] is not None:
+                records.append(d["record"])
+    return records, skipped, objects
+
+
+def _paste_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tuple[list[dict], dict, dict]:
+    per_shard = max(1, int(cfg["shard_size"]) // params.paste_objects_max)
+    n_images = int(dict(cfg["paste_images_per_split"])[split])
+    n_chunks = max(1, math.ceil(n_images / per_shard))
+    names = [f"{split}-paste-{k:03d}" for k in range(n_chunks)]
+    dones = [_load_done(root, s, gen_hash) for s in names]
+    pool, objects = None, None
+    for k, shard in enumerate(names):
+        lo, hi = k * per_shard, min((k + 1) * per_shard, n_images)
+        if dones[k] is not None:
+            objects = dones[k]["objects"]
+            prog.update(hi - lo)
+            continue
+        if pool is None:
+            renders = []
+            for cat in resolve_categories(cfg.get("categories")):
+                prog.log(f"{split}/{cat}: loading objects")
+                renders.append(load(data_cfg, cat, split))
+            pool = ObjectPool.from_renders(renders)
+            objects = {r.category: _objects_info(r, off) for r, off in zip(pool.renders, pool.offsets)}
+        t0 = time.time()
+        comps = []
+        for idx in range(lo, hi):
+            comps.append(paste(pool, params=params, split=split, index=idx))
+            prog.update(1)
+        attrs = {"split": split, "category": "", "unit": "paste", "chunk": k, "composite": "paste"}
+        dones[k] = _write_unit(root, shard, comps, attrs, {"num_chunks": n_chunks, "objects": objects}, gen_hash)
+        prog.log(f"{shard}: {len(comps)} images, {dones[k]['record']['instances']} instances in {time.time() - t0:.1f}s")
+    return [d["record"] for d in dones if d["record"] is not None], {}, objects or {}
+
+
+# ----------------------------------------------------------------------------- lock and entry points
+
+
+@contextmanager
+def _locked(root: Path, prog: _Progress) -> Iterator[None]:
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            prog.log(f"waiting for another builder of {root} (lock {root / LOCK_FILE})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _existing(root: Path, gen: dict) -> dict | None:
+    """The manifest if the dataset is already built with `gen`; error if with another."""
+    if not (root / MANIFEST).is_file():
+        return None
+    try:
+        manifest = read_manifest(root)
+    except DatasetError as err:
+        raise BuildConfigError(f"{err}") from None
+    if manifest.get("generator") != gen:
+        raise BuildConfigError(
+            f"{root} already holds a dataset built with another data config "
+            f"({_diff(manifest.get('generator', {}), gen)}); set another data.root or delete {root}"
+        )
+    return manifest
+
+
+def _claim_folder(root: Path, gen: dict) -> None:
+    """Record the generator config of a build in progress; refuse a different one."""
+    p = root / GENERATOR_FILE
+    if p.is_file():
+        old = json.loads(p.read_text())
+        if old != gen:
+            raise BuildConfigError(
+                f"{root} holds a partial build with another data config ({_diff(old, gen)}); "
+                f"set another data.root or delete {root}"
+            )
+        return
+    write_json_atomic(p, gen)
+
+
+def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObjects | None = None) -> dict:
+    """Build (or finish building) the dataset of `data_cfg` under data.root.
+
+    load_objects(data_cfg, category, split) -> ObjectRenders defaults to
+    datamodules.sources.load_objects. Returns the manifest.
+    """
+    cfg = data_config_dict(data_cfg)
+    gen = generator_config(cfg)
+    params = _params(cfg)
+    splits = _splits(cfg)
+    root = Path(cfg["root"])
+    manifest = _existing(root, gen)
+    if manifest is not None:
+        return manifest
+    root.mkdir(parents=True, exist_ok=True)
+    if cfg["composite"] == "erase":
+        total = len(gen["categories"]) * int(cfg["views"]) * sum(gen["objects_per_split"][s] for s in splits)
+    else:
+        total = sum(gen["paste_images_per_split"][s] for s in splits)
+    prog = _Progress(total, progress)
+    try:
+        with _locked(root, prog):
+            manifest = _existing(root, gen)  # another builder may have finished meanwhile
+            if manifest is not None:
+                return manifest
+            _claim_folder(root, gen)
+            for p in root.glob("*.tmp"):
+                p.unlink()
+            load = load_objects or _default_load_objects()
+            gen_hash = _hash(gen)
+            t0 = time.time()
+            splits_info, objects = {}, {}
+            for split in splits:
+                fn = _erase_split if cfg["composite"] == "erase" else _paste_split
+                records, skipped, objects[split] = fn(root, cfg, data_cfg, params, split, gen_hash, load, prog)
+                splits_info[split] = {
+                    "images": sum(r["images"] for r in records),
+                    "instances": sum(r["instances"] for r in records),
+                    "skipped": skipped,
+                    "shards": records,
+                }
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "format": "amodal3d.composites",
+                "generator": gen,
+                "generator_hash": gen_hash,
+                "composite": cfg["composite"],
+                "image_size": int(cfg["image_size"]),
+                "categories": gen["categories"],
+                "category_ids": {c: category_index(c) for c in gen["categories"]},
+                "all_categories": list(CATEGORIES),
+                "splits": splits_info,
+                "counts": {s: {k: v[k] for k in ("images", "instances", "skipped")} for s, v in splits_info.items()},
+                "objects": objects,
+                "bytes": sum(r["bytes"] for v in splits_info.values() for r in v["shards"]),
+                "software": {"numpy": np.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version},
+            }
+            write_json_atomic(root / MANIFEST, manifest)
+            prog.log(f"wrote {root / MANIFEST} ({manifest['bytes'] / 2**20:.1f} MiB) in {time.time() - t0:.0f}s")
+            return manifest
+    finally:
+        prog.close()
+
+
+def ensure_dataset(data_cfg: Any, load_objects: LoadObjects | None = None) -> dict:
+    """The manifest of data.root, building the dataset first if it is missing."""
+    return build_dataset(data_cfg, progress=True, load_objects=load_objects)
