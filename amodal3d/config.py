@@ -56,6 +56,7 @@ class LoaderConfig:
     num_workers: int = 2
     crop_size: int = 64
     crop_margin: float = 1.15
+    views_per_item: int = 1  # >1: train items hold k views of one object (recon's cross-view loss)
     pin_memory: bool = False
     persistent_workers: bool = True
 

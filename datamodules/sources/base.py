@@ -9,8 +9,11 @@ those are evaluation-only data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from amodal3d.categories import CATEGORIES, category_index
 
 #: the NMR render conventions
 NMR_IMAGE_SIZE = 64
@@ -70,3 +73,20 @@ class ObjectRenders:
     def silhouettes(self) -> np.ndarray:
         """bool (N, V, H, W) object masks from the alpha channel."""
         return self.rgba[..., 3] > 127
+
+
+def resolve_request(data_cfg: Any, category: str, split: str) -> tuple[str, int]:
+    """Canonical category name and the object cap for `split` (<= 0: no cap).
+
+    data_cfg may be a `DataConfig` dataclass or an OmegaConf node of it.
+    """
+    name = CATEGORIES[category_index(category)]
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    counts = data_cfg.objects_per_split
+    if split not in counts:
+        raise ValueError(
+            f"data.objects_per_split has no entry for split {split!r} "
+            f"(has {', '.join(map(str, counts.keys())) or 'none'}); add e.g. {split}: 8"
+        )
+    return name, int(counts[split])

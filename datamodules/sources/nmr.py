@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from datamodules.sources import resolve_request
+from datamodules.sources.base import resolve_request
 from datamodules.sources.base import NMR_IMAGE_SIZE, NMR_NUM_VIEWS, ObjectRenders, nmr_cameras
 
 ARRAY_KEY = "arr_0"

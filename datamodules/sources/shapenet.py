@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from datamodules.sources import resolve_request
+from datamodules.sources.base import resolve_request
 from datamodules.sources.base import ObjectRenders, nmr_cameras
 from datamodules.sources.render import cluster_vertices, normalize_vertices, render_objects
 
