@@ -27,7 +27,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, get_worker_info
 
 from datamodules.shards import SplitReader
 
@@ -305,6 +305,39 @@ def collate_views(batch: list[dict[str, torch.Tensor]]) -> CropBatch:
 # ----------------------------------------------------------------------------- datamodule
 
 
+class EpochSeededSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the
+    same batches as an uninterrupted one (Lightning calls set_epoch)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_sampler(dataset: Dataset, train: bool, seed: int) -> Sampler[int]:
+    """Training: a (seed, epoch)-determined shuffle, split over ranks under DDP.
+    Evaluation: sequential, and under DDP each instance on exactly one rank
+    (no padding duplicates), so a metric reduced by sum equals the
+    single-process value."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        if train:
+            return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(dataset, shuffle=False)
+    return EpochSeededSampler(len(dataset), seed) if train else SequentialSampler(dataset)
+
+
 class CropDataModule(L.LightningDataModule):
     """Crops of data.root for every stage that works per instance.
 
@@ -319,6 +352,7 @@ class CropDataModule(L.LightningDataModule):
         self.root = str(data_cfg.root)
         self.views_per_item = int(views_per_item or getattr(loader_cfg, "views_per_item", 1) or 1)
         self.verify = verify
+        self.seed = int(getattr(data_cfg, "seed", 0))
         self.datasets: dict[str, CropDataset] = {}
 
     def prepare_data(self) -> None:
@@ -346,7 +380,8 @@ class CropDataModule(L.LightningDataModule):
         ds = self.dataset(split)
         workers = int(lc.num_workers)
         return DataLoader(
-            ds, batch_size=int(lc.batch_size), shuffle=split == "train", num_workers=workers,
+            ds, batch_size=int(lc.batch_size), sampler=make_sampler(ds, split == "train", self.seed),
+            num_workers=workers,
             pin_memory=bool(lc.pin_memory), persistent_workers=bool(lc.persistent_workers) and workers > 0,
             collate_fn=collate_views if ds.views_per_item > 1 else collate_crops, drop_last=False,
         )
