@@ -91,23 +91,33 @@ def _progress_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], bool]:
 
 def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """A Trainer whose logs and checkpoints live in the run folder `out`."""
+    from callbacks.step_seed import StepSeed
     from callbacks.guards import FiniteLossGuard
 
     t = cfg.trainer
     check_precision(cfg)
     logger = TensorBoardLogger(save_dir=str(out.parent), name="", version=out.name, default_hp_metric=False)
-    ckpt = ModelCheckpoint(
+    # Two callbacks: Lightning 2.6 refreshes `save_last` only when a top-k
+    # checkpoint was written in the same step, but resume needs the latest state
+    # every epoch whether or not the monitored metric improved.
+    best = ModelCheckpoint(
         dirpath=str(out / "checkpoints"),
         filename="best",
         monitor=cfg.run.monitor,
         mode=cfg.run.monitor_mode,
-        save_last=True,
         save_top_k=1,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
+    last = ModelCheckpoint(
+        dirpath=str(out / "checkpoints"),
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
     progress, bar = _progress_callbacks(cfg)
-    callbacks = [ckpt, LearningRateMonitor(logging_interval="epoch"), FiniteLossGuard(), *progress]
+    callbacks = [best, last, LearningRateMonitor(logging_interval="epoch"), FiniteLossGuard(), StepSeed(cfg.seed), *progress]
     callbacks += extra_callbacks or []
     strategy = t.strategy
     if strategy == "auto" and world_size(cfg) > 1:
