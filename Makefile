@@ -83,3 +83,12 @@ DRY ?=
 slurm: setup
 	$(PY) -m amodal3d slurm --stage $(STAGE) $(CFG_ARGS) --nodes $(NODES) --gpus $(GPUS) --time $(TIME) \
 		$(if $(PARTITION),--partition $(PARTITION)) $(if $(SWEEP),--sweep $(SWEEP)) $(if $(DRY),--dry-run) $(OVERRIDES)
+
+# make predict INPUT="img.png|folder|coco.json" OUT=predictions [CKPT=path.ckpt] [EXP=name]
+INPUT ?=
+OUT ?= predictions
+CKPT ?=
+.PHONY: predict
+predict: setup
+	@test -n "$(INPUT)" || { echo "usage: make predict INPUT=<images, folder or COCO json> OUT=<folder> [CKPT=<ckpt>]"; exit 2; }
+	$(PY) -m amodal3d predict --input $(INPUT) --out $(OUT) $(if $(CKPT),--ckpt $(CKPT)) $(if $(EXP),--exp $(EXP))

@@ -6,6 +6,7 @@
     python -m amodal3d bench [...]
     python -m amodal3d sheets
     python -m amodal3d stages
+    python -m amodal3d predict --input PATH [PATH ...] --out DIR [--ckpt CKPT] [--exp NAME]
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from amodal3d.predict import predict_files
+
+    rep = predict_files(args.input, args.out, checkpoint=args.ckpt, experiment=args.exp or "default",
+                        root=args.runs, device=args.device, batch_size=args.batch_size, occluder=args.occluder)
+    print(f"[predict] {rep.instances} instances in {rep.images} images, {rep.instances_per_s:.1f} instances/s "
+          f"({args.device}) -> {rep.json_path}" + (f"; {len(rep.errors)} input(s) skipped" if rep.errors else ""))
+    for e in rep.errors:
+        print(f"  skipped {e['input']}: {e['error']}", file=sys.stderr)
+    return 1 if rep.errors else 0
+
+
 def _add_config_args(p: argparse.ArgumentParser, stage_default: str | None = None) -> None:
     p.add_argument("--exp", default=None, help="named experiment (experiments/exp/<name>.yaml)")
     p.add_argument("--stage", default=stage_default, help="stage whose config to merge")
@@ -155,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stages", help="list the stages and what they need")
     p.set_defaults(func=_cmd_stages)
+
+    p = sub.add_parser("predict", help="amodal masks for image files with visible masks (PNG folders or COCO JSON)")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="image files, folders of images (masks in <image name>/<category>_<k>.png) or a COCO JSON")
+    p.add_argument("--out", required=True, help="output folder: masks/, overlays/, amodal.json")
+    p.add_argument("--ckpt", default=None, help="checkpoint to use (default: Ours = joint, or refine if not better)")
+    p.add_argument("--exp", default=None, help="experiment whose runs hold the Ours checkpoints")
+    p.add_argument("--runs", default="runs", help="runs root folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--occluder", default="unknown", choices=("unknown", "others"),
+                   help="occluder of an instance: anything outside its visible mask, or the other instances")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="results table and speed figures (`bench --help`)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

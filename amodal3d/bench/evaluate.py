@@ -1,0 +1,205 @@
+"""Find the trained methods, load them, and score them on the test split (gt-visible).
+
+Scoring goes through the stage's own `evaluate_batch` (the code validation
+uses), so the table and the training curves cannot disagree on the protocol.
+The `visible` reference row needs no training: it predicts the visible mask.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from omegaconf import DictConfig, OmegaConf
+
+from amodal3d.bench.table import NOT_TRAINED, MethodResult
+from amodal3d.categories import CATEGORIES
+from amodal3d.config import REPO_ROOT
+from amodal3d.runs import best_checkpoint, find_stage_checkpoint
+from lightning_modules.common import AmodalStage
+
+FLOOR = "visible"
+
+
+class VisibleFloor(AmodalStage):
+    """The reference row: the visible mask taken as the amodal prediction."""
+
+    def predict_amodal(self, batch: dict) -> torch.Tensor:
+        return batch["visible"].float()
+
+
+@dataclass
+class MethodEntry:
+    """A row to evaluate: a registered method's stage and its checkpoint (or why not)."""
+
+    name: str
+    stage: str | None
+    checkpoint: Path | None = None
+    status: str = "ok"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _run_of(path: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint) of a run folder or a checkpoint path named on the command line."""
+    if path.is_file() and path.suffix == ".ckpt":
+        return path.parent.parent, path
+    if path.is_dir():
+        ckpt = best_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"run {path} has no checkpoints/best.ckpt or last.ckpt")
+        return path, ckpt
+    raise FileNotFoundError(f"--runs {path}: not a run folder or a .ckpt file")
+
+
+def named_methods(paths: list[str]) -> list[MethodEntry]:
+    """Rows for runs named on the command line (run folders or checkpoints)."""
+    from lightning_modules.registry import get_stage
+
+    out = []
+    for p in paths:
+        run, ckpt = _run_of(Path(p))
+        cfg_path = run / "config.yaml"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"--runs {p}: {cfg_path} is missing, cannot tell which stage trained it")
+        stage = str(OmegaConf.load(cfg_path).stage)
+        spec = get_stage(stage)
+        out.append(MethodEntry(name=f"{spec.method or stage} [{run.name}]", stage=stage, checkpoint=ckpt))
+    return out
+
+
+def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
+    """Every registered method (stage with a table row), with the best checkpoint of its
+    latest run under runs/<experiment>/<stage>/, or marked "not trained"."""
+    from lightning_modules.registry import available_stages, get_stage
+
+    out: list[MethodEntry] = []
+    for stage in available_stages():
+        try:
+            spec = get_stage(stage)
+        except Exception as err:  # a broken stage module keeps a row, with the reason
+            print(f"[bench] warning: stage {stage!r} cannot be imported: {err}", file=sys.stderr)
+            out.append(MethodEntry(name=stage, stage=stage, status=f"error: import failed: {err}"))
+            continue
+        if spec.method is None:
+            continue
+        try:
+            ckpt = find_stage_checkpoint(stage, experiment, root)
+        except FileNotFoundError:
+            out.append(MethodEntry(name=spec.method, stage=stage, status=NOT_TRAINED))
+            continue
+        out.append(MethodEntry(name=spec.method, stage=stage, checkpoint=ckpt))
+    seen: dict[str, int] = {}
+    for e in out:  # two stages reporting the same method name get told apart
+        seen[e.name] = seen.get(e.name, 0) + 1
+    for e in out:
+        if seen[e.name] > 1:
+            e.name = f"{e.name} ({e.stage})"
+    return out
+
+
+def load_method(entry: MethodEntry, device: torch.device) -> AmodalStage:
+    """The stage module of `entry` restored from its checkpoint, in eval mode on `device`."""
+    from lightning_modules.registry import get_stage
+
+    spec = get_stage(entry.stage)
+    module = spec.module.load_from_checkpoint(str(entry.checkpoint), map_location=device)
+    if not isinstance(module, AmodalStage):
+        raise TypeError(f"stage {entry.stage!r}: {type(module).__name__} is not an AmodalStage, "
+                        "it cannot be scored under the gt-visible protocol")
+    return module.to(device).eval()
+
+
+def floor_module(cfg: DictConfig, device: torch.device) -> VisibleFloor:
+    cfg = OmegaConf.merge(cfg, {"stage": FLOOR})
+    return VisibleFloor(cfg).to(device).eval()
+
+
+def eval_loader(cfg: DictConfig):
+    """The test split's crop loader of the bench config's dataset (built if missing)."""
+    from datamodules.build import ensure_dataset
+    from datamodules.crops import CropDataModule
+
+    ensure_dataset(cfg.data)
+    loader_cfg = OmegaConf.merge(cfg.loader, {"persistent_workers": False})
+    dm = CropDataModule(cfg.data, loader_cfg)
+    dm.setup("test")
+    return dm.test_dataloader()
+
+
+@torch.no_grad()
+def evaluate_module(module: AmodalStage, loader, device: torch.device, max_batches: int | None = None) -> dict:
+    """AmodalMIoU.compute() of `module` over `loader`, plus seconds and instances."""
+    from metrics.amodal_iou import AmodalMIoU
+
+    metric = AmodalMIoU(num_categories=len(CATEGORIES)).to(device)
+    module.eval()
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        module.evaluate_batch(move_data_to_device(batch, device), metric)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    res = {k: v.cpu() for k, v in metric.compute().items()}
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def evaluate_all(
+    cfg: DictConfig,
+    entries: list[MethodEntry],
+    device: torch.device,
+    max_batches: int | None = None,
+    with_floor: bool = True,
+) -> list[MethodResult]:
+    """The table's rows: the `visible` floor first, then every entry (evaluated or marked)."""
+    loader = eval_loader(cfg)
+    rows: list[MethodResult] = []
+    todo: list[tuple[str, str | None, Path | None]] = []
+    if with_floor:
+        todo.append((FLOOR, None, None))
+    for e in entries:
+        if e.status != "ok":
+            rows.append(MethodResult(name=e.name, stage=e.stage, status=e.status))
+            continue
+        todo.append((e.name, e.stage, e.checkpoint))
+    evaluated = []
+    for name, stage, ckpt in todo:
+        try:
+            if stage is None:
+                module = floor_module(cfg, device)
+            else:
+                module = load_method(MethodEntry(name, stage, ckpt), device)
+            res = evaluate_module(module, loader, device, max_batches)
+        except Exception as err:
+            print(f"[bench] {name}: evaluation failed: {err!r}", file=sys.stderr)
+            evaluated.append(MethodResult(name=name, stage=stage, status=f"error: {err!r}",
+                                          checkpoint=str(ckpt or "")))
+            continue
+        print(f"[bench] {name}: mIoU {100 * float(res['miou']):.1f} ({res['seconds']:.1f}s)", flush=True)
+        evaluated.append(MethodResult.from_metric(
+            name, res, stage=stage, checkpoint=_rel(ckpt), seconds=res["seconds"]))
+    # the floor first, then evaluated methods, then those that could not be evaluated
+    return evaluated + rows
+
+
+def _rel(p: Path | None) -> str:
+    """A checkpoint path relative to the repo root when inside it (shorter table notes)."""
+    if p is None:
+        return ""
+    try:
+        return str(Path(p).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(p)

@@ -1,0 +1,169 @@
+"""`python -m amodal3d bench [table|speed|loader|raster|all] [options] [key=value ...]`.
+
+Each part runs alone or all together (`make bench`); each writes its markdown
+(and CSV/JSON) under --out (default bench/) and a TensorBoard text summary
+under <out>/tb, and records the command line, device and machine it ran with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from amodal3d.config import REPO_ROOT, load_config
+from amodal3d.runs import write_json_atomic
+
+PARTS = ("table", "speed", "loader", "raster", "all")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="amodal3d bench",
+        description="Results table (gt-visible amodal mIoU on the test split) and speed figures. "
+        f"Parts: {', '.join(PARTS)} (default all), given first.",
+    )
+    ap.add_argument("--exp", default=None, help="named experiment: its runs and its dataset are benchmarked")
+    ap.add_argument("--debug", default=None, help="debug preset for the data/loader config (experiments/debug/)")
+    ap.add_argument("--run", action="append", default=[], metavar="PATH",
+                    help="benchmark this run folder or checkpoint instead of discovering runs (repeatable)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--out", default="bench", help="output folder (relative to the repo root)")
+    ap.add_argument("--limit-batches", type=int, default=None, help="score only this many test batches (smoke runs)")
+    ap.add_argument("--speed-batches", type=int, default=20, help="test batches timed per method")
+    ap.add_argument("overrides", nargs="*", help="config dot-overrides, e.g. data.root=data/other loader.batch_size=64")
+    return ap
+
+
+def _out_dir(out: str) -> Path:
+    p = Path(out)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _meta(argv: list[str], cfg, device, part: str) -> dict:
+    from amodal3d.bench.speed import machine_info
+
+    meta = {
+        "command": "python -m amodal3d bench " + shlex.join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "part": part,
+        "experiment": cfg.experiment,
+        "dataset": f"{cfg.data.root} (source {cfg.data.source}, composite {cfg.data.composite})",
+        "split": "test",
+        "protocol": "gt-visible",
+        "batch_size": cfg.loader.batch_size,
+    }
+    meta.update(machine_info(device))
+    return meta
+
+
+def _entries(args, cfg):
+    from amodal3d.bench.evaluate import discover_methods, named_methods
+
+    return named_methods(args.run) if args.run else discover_methods(cfg.experiment, cfg.run.root)
+
+
+def part_table(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.evaluate import evaluate_all
+    from amodal3d.bench.table import results_markdown, write_results
+
+    results = evaluate_all(cfg, _entries(args, cfg), device, args.limit_batches)
+    md = results_markdown(results, meta)
+    paths = write_results(out, results, meta)
+    print(md, flush=True)
+    print(f"[bench] wrote {paths['markdown']}, {paths['csv']} and a TensorBoard text under {paths['tensorboard']}")
+    return md
+
+
+def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.evaluate import eval_loader, load_method
+    from amodal3d.bench.speed import collect_batches, measure_inference, methods_markdown, section_markdown
+    from amodal3d.bench.table import write_atomic, write_tensorboard_text
+
+    batches = collect_batches(eval_loader(cfg), device, args.speed_batches)
+    rows = []
+    for e in _entries(args, cfg):
+        if e.status != "ok":
+            rows.append({"method": e.name, "stage": e.stage, "status": e.status})
+            continue
+        try:
+            res = measure_inference(load_method(e, device), batches, device)
+        except Exception as err:
+            print(f"[bench] {e.name}: speed measurement failed: {err!r}", file=sys.stderr)
+            rows.append({"method": e.name, "stage": e.stage, "status": f"error: {err!r}"})
+            continue
+        rows.append({"method": e.name, "stage": e.stage, "status": "ok", **res})
+        print(f"[bench] {e.name}: {res['instances_per_s']:.1f} instances/s", flush=True)
+    md = section_markdown("Inference speed (predict_amodal on test batches already on the device)",
+                          methods_markdown(rows), meta)
+    write_atomic(out / "speed.md", md)
+    write_json_atomic(out / "speed.json", {"meta": meta, "methods": rows})
+    write_tensorboard_text(out / "tb", "bench/speed", md)
+    print(md, flush=True)
+    return md
+
+
+def _part_report(name: str, title: str, report: tuple[dict, str], meta: dict, out: Path) -> str:
+    from amodal3d.bench.speed import section_markdown
+    from amodal3d.bench.table import write_atomic, write_tensorboard_text
+
+    report, body = report
+    md = section_markdown(title, body, meta)
+    write_atomic(out / f"{name}.md", md)
+    write_json_atomic(out / f"{name}.json", {"meta": meta, name: report})
+    write_tensorboard_text(out / "tb", f"bench/{name}", md)
+    print(md, flush=True)
+    return md
+
+
+def part_loader(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.speed import run_loader_bench
+
+    return _part_report("loader", "Data loader throughput", run_loader_bench(cfg), meta, out)
+
+
+def part_raster(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.speed import run_raster_bench
+
+    return _part_report("raster", "Rasteriser throughput", run_raster_bench(device), meta, out)
+
+
+PART_FUNCS = {"table": part_table, "speed": part_speed, "loader": part_loader, "raster": part_raster}
+
+
+def main(argv: list[str]) -> int:
+    """Run the named part(s); 0 when every part succeeded, 1 when one failed."""
+    argv = list(argv)
+    part = argv.pop(0) if argv and argv[0] in PARTS else "all"
+    args = build_parser().parse_args(argv)
+    from amodal3d.bench.evaluate import resolve_device
+
+    cfg = load_config(None, args.exp, args.overrides, debug=args.debug)
+    device = resolve_device(args.device)
+    out = _out_dir(args.out)
+    full_argv = [part, *argv]
+    parts = list(PART_FUNCS) if part == "all" else [part]
+    sections, failed = [], []
+    for name in parts:
+        meta = _meta(full_argv, cfg, device, name)
+        try:
+            sections.append(PART_FUNCS[name](args, cfg, device, meta, out))
+        except Exception as err:
+            if len(parts) == 1:
+                raise
+            traceback.print_exc()
+            failed.append(f"{name}: {err!r}")
+            print(f"[bench] part {name!r} failed: {err!r}", file=sys.stderr)
+    if part == "all":
+        from amodal3d.bench.table import write_atomic
+
+        body = "\n\n".join(sections)
+        if failed:
+            body += "\n\n# Parts that failed\n\n" + "\n".join(f"- {f}" for f in failed) + "\n"
+        write_atomic(out / "bench.md", body)
+        print(f"[bench] wrote {out / 'bench.md'}" + (f"; failed parts: {json.dumps(failed)}" if failed else ""))
+    return 1 if failed else 0

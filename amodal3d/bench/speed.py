@@ -1,0 +1,186 @@
+"""The speed section of `make bench`: inference throughput and peak memory per method,
+plus the loader and rasteriser figures, each with the machine it was measured on.
+
+Throughput times `predict_amodal` alone on test batches already on the device
+(data loading is the loader section's business). Peak memory is the CUDA
+allocator's peak on a GPU; on a Linux CPU it is the rise of the process's
+resident-set high-water mark during the timed pass (reset through
+/proc/self/clear_refs), elsewhere the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import socket
+import time
+from pathlib import Path
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+
+def machine_info(device: torch.device) -> dict:
+    """Where a figure was measured: host, OS, CPU/GPU, threads, library versions."""
+    info = {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": _cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews every timing
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory of the code inside, in MiB (`.mib`, `.kind`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib = math.nan
+        self.kind = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.kind = "cuda peak allocated"
+            return self
+        self._base = None
+        try:  # "5" resets the resident-set high-water mark (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self._base = _proc_status_kb("VmRSS")
+            self.kind = "cpu RSS rise at peak"
+        except OSError:
+            self.kind = "process peak RSS"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return
+        hwm = _proc_status_kb("VmHWM")
+        if self._base is not None and hwm is not None:
+            self.mib = max(hwm - self._base, 0) / 1024
+        else:
+            self.mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_inference(module, batches: list[dict], device: torch.device, warmup: int = 2) -> dict:
+    """instances/s of `module.predict_amodal` over `batches` (on `device`), and its peak memory."""
+    if not batches:
+        raise ValueError("measure_inference: no batches to time (is the test split empty?)")
+    module.eval()
+    for i in range(warmup):
+        module.predict_amodal(batches[i % len(batches)])
+    _sync(device)
+    n = 0
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        for b in batches:
+            module.predict_amodal(b)
+            n += int(b["visible"].shape[0])
+        _sync(device)
+        dt = time.perf_counter() - t0
+    return {
+        "instances_per_s": n / dt if dt > 0 else math.nan,
+        "instances": n,
+        "batches": len(batches),
+        "batch_size": int(batches[0]["visible"].shape[0]),
+        "seconds": dt,
+        "peak_mem_mib": mem.mib,
+        "mem_kind": mem.kind,
+        "params": sum(p.numel() for p in module.parameters()),
+    }
+
+
+def collect_batches(loader, device: torch.device, n: int) -> list[dict]:
+    out = []
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        out.append(move_data_to_device(batch, device))
+    return out
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "—"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt(x) for x in v)
+    return str(v)
+
+
+def methods_markdown(rows: list[dict]) -> str:
+    lines = ["| method | instances/s | batch | peak memory (MiB) | memory measured as | parameters |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r.get("status", "ok") != "ok"):  # measured rows first
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {r['method']} ({r['status']}) | — | — | — | — | — |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['instances_per_s']:.1f} | {r['batch_size']} | {fmt(r['peak_mem_mib'])} "
+            f"| {r['mem_kind']} | {r['params']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def section_markdown(title: str, body: str, meta: dict) -> str:
+    setup = "\n".join(f"- {k}: `{v}`" for k, v in meta.items())
+    return f"# {title}\n\n{body}\n\n## Setup\n\n{setup}\n"
+
+
+def run_loader_bench(cfg) -> tuple[dict, str]:
+    """The data loader's figures (amodal3d/bench/loader.py) for the bench config's dataset,
+    and their markdown."""
+    from amodal3d.bench import loader
+    from datamodules.build import ensure_dataset
+
+    ensure_dataset(cfg.data)
+    report = loader.bench_loader(cfg.data, cfg.loader, workers=(0, 2))
+    return report, loader.markdown(report)
+
+
+def run_raster_bench(device: torch.device) -> tuple[dict, str]:
+    """The rasteriser's figures (amodal3d/bench/raster.py) on `device`, and their markdown."""
+    from amodal3d.bench import raster
+
+    report = raster.bench_raster(device=str(device))
+    return report, raster.format_table(report)

@@ -1,0 +1,172 @@
+"""The results table of `make bench`: rows, the exact DESIGN.md layout, and the files.
+
+The first table reproduces the seed table's layout exactly (method, the 13
+categories in seed order, mIoU; % with one decimal). A category without test
+instances shows "—" and is left out of the row's mean; a method that could not
+be evaluated keeps its row, marked in the method cell. The occluded-region
+figures (mIoU_occ) go in a second table of the same shape.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amodal3d.categories import CATEGORIES, DISPLAY_NAMES
+
+MISSING = "—"
+NOT_TRAINED = "not trained"
+
+
+@dataclass
+class MethodResult:
+    """One row: a method's gt-visible figures (fractions in [0,1], NaN where absent)."""
+
+    name: str
+    stage: str | None = None
+    status: str = "ok"  # "ok" | "not trained" | "error: <why>"
+    checkpoint: str = ""
+    per_category: list[float] = field(default_factory=lambda: [math.nan] * len(CATEGORIES))
+    per_category_occ: list[float] = field(default_factory=lambda: [math.nan] * len(CATEGORIES))
+    miou: float = math.nan
+    miou_occ: float = math.nan
+    iou_dataset: float = math.nan
+    count: list[int] = field(default_factory=lambda: [0] * len(CATEGORIES))
+    seconds: float = math.nan
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def from_metric(cls, name: str, res: dict, **kw) -> "MethodResult":
+        """From AmodalMIoU.compute()'s dict."""
+        return cls(
+            name=name,
+            per_category=[float(x) for x in res["per_category"]],
+            per_category_occ=[float(x) for x in res["per_category_occ"]],
+            miou=float(res["miou"]),
+            miou_occ=float(res["miou_occ"]),
+            iou_dataset=float(res["iou_dataset"]),
+            count=[int(x) for x in res["count"]],
+            **kw,
+        )
+
+
+def pct(x: float) -> str:
+    """A fraction as % with one decimal; absent values as "—"."""
+    return MISSING if x is None or not math.isfinite(x) else f"{100.0 * x:.1f}"
+
+
+def header(last: str = "mIoU") -> list[str]:
+    return ["method", *(DISPLAY_NAMES[c] for c in CATEGORIES), last]
+
+
+def _md_line(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _row_label(r: MethodResult) -> str:
+    return r.name if r.ok else f"{r.name} ({r.status})"
+
+
+def markdown_table(results: list[MethodResult], occluded: bool = False) -> str:
+    """The seed layout: `| method | Airplane | ... | Vessel | mIoU |` (or mIoU_occ)."""
+    cols = header("mIoU_occ" if occluded else "mIoU")
+    lines = [_md_line(cols), "|" + "---|" * len(cols)]
+    for r in results:
+        values = r.per_category_occ if occluded else r.per_category
+        mean = r.miou_occ if occluded else r.miou
+        if not r.ok:
+            values, mean = [math.nan] * len(CATEGORIES), math.nan
+        lines.append(_md_line([_row_label(r), *(pct(v) for v in values), pct(mean)]))
+    return "\n".join(lines)
+
+
+def csv_text(results: list[MethodResult]) -> str:
+    """Every figure of every row (in %, three decimals; empty where absent)."""
+    def num(x: float) -> str:
+        return "" if not math.isfinite(x) else f"{100.0 * x:.3f}"
+
+    names = [DISPLAY_NAMES[c] for c in CATEGORIES]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "stage", "status", "checkpoint", *names, "mIoU",
+                *(f"occ_{n}" for n in names), "mIoU_occ", "iou_dataset", "instances", "eval_seconds"])
+    for r in results:
+        w.writerow([
+            r.name, r.stage or "", r.status, r.checkpoint,
+            *(num(v) for v in r.per_category), num(r.miou),
+            *(num(v) for v in r.per_category_occ), num(r.miou_occ), num(r.iou_dataset),
+            sum(r.count), "" if not math.isfinite(r.seconds) else f"{r.seconds:.2f}",
+        ])
+    return buf.getvalue()
+
+
+def notes(results: list[MethodResult]) -> list[str]:
+    """Footnotes: categories absent from the test split, failed methods."""
+    out = []
+    counts = [r.count for r in results if r.ok and sum(r.count)]
+    if counts:
+        absent = [DISPLAY_NAMES[c] for c, n in zip(CATEGORIES, counts[0]) if n == 0]
+        if absent:
+            out.append(f"No test instances of {', '.join(absent)}: shown as {MISSING}, and the mIoU is the "
+                       f"mean over the {len(CATEGORIES) - len(absent)} categories present.")
+        out.append(f"Test instances: {sum(counts[0])} (per category: "
+                   + ", ".join(f"{DISPLAY_NAMES[c]} {n}" for c, n in zip(CATEGORIES, counts[0])) + ").")
+    for r in results:
+        if r.status == NOT_TRAINED:
+            out.append(f"{r.name}: no checkpoint found; train it with `make train STAGE={r.stage}`.")
+        elif not r.ok:
+            out.append(f"{r.name}: {r.status}")
+    return out
+
+
+def results_markdown(results: list[MethodResult], meta: dict) -> str:
+    """The document written to bench/results.md (and shown in TensorBoard)."""
+    parts = [
+        "# Amodal mIoU, gt-visible protocol (test split)",
+        "",
+        markdown_table(results),
+        "",
+        "## Occluded region only (mIoU_occ)",
+        "",
+        markdown_table(results, occluded=True),
+        "",
+    ]
+    parts += [f"- {n}" for n in notes(results)]
+    parts += ["", "## Setup", ""] + [f"- {k}: `{v}`" for k, v in meta.items()]
+    return "\n".join(parts) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_tensorboard_text(log_dir: Path, tag: str, text: str) -> None:
+    """A markdown text summary TensorBoard shows under TEXT (one event file per call)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        writer.add_text(tag, text, global_step=0)
+    finally:
+        writer.close()
+
+
+def write_results(out_dir: Path, results: list[MethodResult], meta: dict) -> dict[str, Path]:
+    """bench/results.md, bench/results.csv and a TensorBoard text under bench/tb."""
+    out_dir = Path(out_dir)
+    md = results_markdown(results, meta)
+    paths = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv", "tensorboard": out_dir / "tb"}
+    write_atomic(paths["markdown"], md)
+    write_atomic(paths["csv"], csv_text(results))
+    write_tensorboard_text(paths["tensorboard"], "bench/results", md)
+    return paths

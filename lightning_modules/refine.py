@@ -1,0 +1,672 @@
+"""Stage `refine` (step 5): region-specific edge refinement of the 3D prior's render.
+
+The 3D prior chain (recon -> viewpoint -> render, frozen here) renders a coarse
+amodal mask of each instance in its crop; models.refine_net.RefineNet turns crop
+RGB + visible mask + occluder mask + coarse mask (+ its soft edges) into the
+amodal mask, keeping the visible region as observed and predicting only the
+pixels that may be hidden. Supervised by amodal masks (the crops' `eval_amodal`,
+which this stage may use as a training target, like the reference method); no
+other hidden ground truth is read in training.
+
+The prior comes from a factory, so any nn.Module with `coarse_mask(batch) ->
+(B,1,S,S)` probabilities can be plugged in (tests use stand-ins):
+  * model.prior=auto (default): the render stage's ShapePrior
+    (`lightning_modules.render.load_shape_prior(cfg)`, wrapped in RenderShapePrior)
+    when a render checkpoint exists, else the recon render (`ReconShapePrior`: the
+    recon net's mesh and camera, rendered in the crop);
+  * render | recon: only that one; none: a zero coarse mask (the 2D-only
+    ablation, stage `refine_2d`).
+Where the prior came from is stored in the checkpoint's hyper-parameters and its
+weights in the state dict, so a refine checkpoint with the recon prior reloads
+without the recon checkpoint.
+
+A frozen prior is a deterministic function of each crop, so during fit its coarse
+masks are cached per instance (uint8), and the prior runs once per instance.
+
+Evaluation-only variant: `camera_source="true"` feeds refine the render of the
+predicted shape from the true camera (`eval_camera`, mapped into the learned
+canonical frame by per-category offsets fitted on the validation split with
+`calibrate_true_camera`). A training step refuses to run in that mode.
+
+Besides this stage's own row, the bench gets two rows from `STAGE.extra["bench_rows"]`:
+`Ours` (joint, or refine where joint is not better on the validation split) and
+`Ours` fed with the true-camera render.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from amodal3d.categories import CATEGORIES
+from amodal3d.runs import find_stage_checkpoint
+from lightning_modules.common import AmodalStage
+from lightning_modules.registry import StageSpec
+from models.refine_net import GATES, RefineNet, region_losses
+
+PRIOR_KINDS = ("auto", "render", "recon", "none")
+CAMERA_SOURCES = ("predicted", "true")
+PRIOR_STAGES = ("recon", "viewpoint", "render")
+
+
+@dataclass
+class RefineModelConfig:
+    prior: str = "auto"  # auto | render | recon | none (see the module doc)
+    prior_experiment: str = ""  # experiment whose stage checkpoints feed the prior ("": this one)
+    prior_render_size: int = 32  # recon prior: silhouette resolution, bilinearly resized to the crop
+    cache_prior: bool = True  # frozen prior: cache its coarse masks per instance during fit
+    base_channels: int = 16
+    depth: int = 3
+    gate: str = "occluded"  # free region: occluded (outside visible, inside the occluder) | outside_visible
+    region_specific: bool = True  # false: the plain ablation, p = sigmoid(h) everywhere
+    coarse_residual: bool = True  # add gain * logit(coarse) to the UNet's logits
+    unknown_occluder_prob: float = 0.1  # P(occluder input replaced by "anything outside visible") in training
+    w_hidden: float = 2.0
+    w_band: float = 2.0
+    w_visible: float = 1.0
+    w_other: float = 0.5
+    w_dice: float = 1.0
+    band_width: int = 2  # half-width in pixels of the band around the amodal boundary
+    hidden_dilate: int = 2  # the hidden region is amodal - visible dilated by this many pixels
+
+
+# ----------------------------------------------------------------------------- priors
+
+
+class ReconShapePrior(nn.Module):
+    """The recon stage's mesh + camera rendered in the crop frame: the coarse mask
+    when the render stage is not available (the recon net already places its
+    render on the amodal box, models.mesh_renderer.fit_placement)."""
+
+    def __init__(self, net: nn.Module, render_size: int = 32) -> None:
+        super().__init__()
+        if int(render_size) < 8:
+            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
+        self.net = net
+        self.render_size = int(render_size)
+
+    @property
+    def recon_net(self) -> nn.Module:
+        return self.net
+
+    def stage_modules(self) -> dict[str, nn.Module]:
+        return {"recon": self.net}
+
+    def camera(self, batch: dict) -> torch.Tensor:
+        """(B,3) predicted azimuth, elevation, distance."""
+        return self.net(batch)["camera"]
+
+    def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(silhouette (B,r,r) at render_size, the recon net's outputs) for the predicted
+        camera, or for `camera` (B,3) with the placement refitted to the amodal box."""
+        from models.mesh_renderer import fit_placement
+
+        out = self.net(batch)
+        place = out["place"]
+        if camera is not None:
+            camera = camera.to(out["verts"].dtype)
+            place = fit_placement(out["verts"], camera, out["box"], self.net.renderer.fov)
+        else:
+            camera = out["camera"]
+        sil = self.net.renderer(out["verts"], self.net.faces, camera, place, self.render_size)
+        return sil, out
+
+    def coarse_mask(self, batch: dict, camera: torch.Tensor | None = None) -> torch.Tensor:
+        sil, _ = self.render_outputs(batch, camera)
+        return to_crop_size(sil[:, None], int(self.net.crop_size))
+
+
+class RenderShapePrior(nn.Module):
+    """The render stage's ShapePrior (recon mesh, chosen camera, learned placement) with
+    the interface refine uses: coarse_mask at prior_render_size, camera, rendering
+    from a given camera, and its parts by stage for joint's parameter groups."""
+
+    def __init__(self, shape_prior: nn.Module, render_size: int = 32) -> None:
+        super().__init__()
+        if int(render_size) < 8:
+            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
+        self.shape = shape_prior
+        self.render_size = int(render_size)
+
+    @property
+    def recon_net(self) -> nn.Module:
+        return self.shape.recon
+
+    def stage_modules(self) -> dict[str, nn.Module]:
+        parts = {"recon": self.shape.recon, "render": self.shape.placement}
+        if self.shape.viewpoint is not None:
+            parts["viewpoint"] = self.shape.viewpoint
+        return parts
+
+    def camera(self, batch: dict) -> torch.Tensor:
+        return self.shape(batch)["camera"]
+
+    def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        out = self.shape(batch)
+        if camera is not None:
+            from models.placement import box_placement
+
+            camera = camera.to(out["verts"].dtype)
+            out = dict(out, camera=camera)
+            out["place"] = box_placement(out["verts"], camera, out["target"], self.shape.fit,
+                                         self.shape.recon.renderer.fov)
+        return self.shape.render(out, self.render_size)[:, 0], out
+
+    def coarse_mask(self, batch: dict, camera: torch.Tensor | None = None) -> torch.Tensor:
+        sil, _ = self.render_outputs(batch, camera)
+        return to_crop_size(sil[:, None], int(self.shape.crop_size))
+
+
+def to_crop_size(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(B,1,r,r) -> (B,1,size,size), bilinear (a coarse prior needs no more)."""
+    if mask.shape[-1] == size:
+        return mask
+    return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def _prior_config(cfg: DictConfig) -> DictConfig:
+    """A copy of cfg whose `experiment` is the one the prior's checkpoints come from."""
+    pc = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.model.prior_experiment:
+        pc.experiment = str(cfg.model.prior_experiment)
+    return pc
+
+
+def _render_loader() -> Callable | None:
+    """lightning_modules.render.load_shape_prior, when the render stage exists."""
+    try:
+        from lightning_modules import render
+    except ImportError:
+        return None
+    return getattr(render, "load_shape_prior", None)
+
+
+def _found_checkpoints(pc: DictConfig) -> dict[str, str]:
+    """The prior-chain checkpoints that exist for pc's experiment (explicit paths first)."""
+    found = {}
+    for stage in PRIOR_STAGES:
+        try:
+            found[stage] = str(find_stage_checkpoint(stage, pc.experiment, pc.run.root, pc.run.checkpoints.get(stage)))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _recon_model_config(checkpoint: str | Path) -> dict:
+    """The recon `model` section stored in a recon checkpoint's hyper-parameters."""
+    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    try:
+        return dict(ckpt["hyper_parameters"]["cfg"]["model"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{checkpoint}: not a recon checkpoint (no hyper_parameters.cfg.model)") from None
+
+
+def recon_prior(checkpoint: str | Path, render_size: int) -> tuple[ReconShapePrior, dict]:
+    from lightning_modules.recon import load_recon
+
+    net = load_recon(str(checkpoint))
+    source = {
+        "kind": "recon", "checkpoint": str(checkpoint), "model": _recon_model_config(checkpoint),
+        "crop_size": int(net.crop_size),
+    }
+    return ReconShapePrior(net, render_size), source
+
+
+def build_prior(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
+    """(frozen prior module or None, where it came from) for cfg.model.prior."""
+    kind = str(cfg.model.prior)
+    if kind not in PRIOR_KINDS:
+        raise ValueError(f"model.prior={kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
+    if kind == "none":
+        return None, {"kind": "none"}
+    pc = _prior_config(cfg)
+    fallback_reason = ""
+    if kind in ("auto", "render"):
+        loader = _render_loader()
+        if loader is None:
+            fallback_reason = "lightning_modules/render.py provides no load_shape_prior"
+            if kind == "render":
+                raise ValueError(f"model.prior=render: {fallback_reason}; use model.prior=recon")
+        else:
+            found = _found_checkpoints(pc)
+            for stage, path in found.items():
+                pc.run.checkpoints[stage] = path
+            try:
+                shape = loader(pc)
+                prior = RenderShapePrior(shape, int(cfg.model.prior_render_size))
+                source = {"kind": "render", "experiment": str(pc.experiment), "checkpoints": found}
+                if isinstance(getattr(shape, "spec", None), dict):
+                    source["spec"] = shape.spec
+                return prior, source
+            except FileNotFoundError as err:
+                if kind == "render":
+                    raise
+                fallback_reason = str(err)
+    try:
+        ckpt = find_stage_checkpoint("recon", pc.experiment, pc.run.root, pc.run.checkpoints.get("recon"))
+    except FileNotFoundError as err:
+        why = f" (the render prior is not available: {fallback_reason})" if fallback_reason else ""
+        raise FileNotFoundError(f"no 3D prior for the coarse mask{why}: {err}") from None
+    if fallback_reason:
+        print(f"[refine] 3D prior: the render prior is not available ({fallback_reason}); "
+              f"using the recon render of {ckpt}", file=sys.stderr, flush=True)
+    prior, source = recon_prior(ckpt, int(cfg.model.prior_render_size))
+    if int(source["crop_size"]) != int(cfg.loader.crop_size):
+        raise ValueError(f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {ckpt} was trained with "
+                         f"crop_size={source['crop_size']}: use loader.crop_size={source['crop_size']}")
+    return prior, source
+
+
+def prior_from_source(cfg: DictConfig, source: dict) -> nn.Module | None:
+    """Rebuild the prior recorded in a checkpoint (its weights then come from the state dict)."""
+    kind = source.get("kind")
+    if kind == "none":
+        return None
+    if kind == "recon":
+        from lightning_modules.recon import ReconModelConfig, ReconNet
+
+        model = OmegaConf.merge(OmegaConf.structured(ReconModelConfig), source["model"])
+        net = ReconNet(model, num_categories=len(CATEGORIES), crop_size=int(source["crop_size"])).eval()
+        return ReconShapePrior(net, int(cfg.model.prior_render_size))
+    if kind == "render" and "spec" in source:  # rebuilt from its spec: no checkpoint file needed
+        from lightning_modules.render import ShapePrior
+
+        return RenderShapePrior(ShapePrior(source["spec"]), int(cfg.model.prior_render_size))
+    if kind == "render":
+        loader = _render_loader()
+        if loader is None:
+            raise ValueError("this checkpoint was trained with the render prior, but lightning_modules/render.py "
+                             "provides no load_shape_prior")
+        pc = _prior_config(cfg)
+        pc.experiment = source.get("experiment", pc.experiment)
+        for stage, path in source.get("checkpoints", {}).items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"the render prior of this checkpoint was built from {path} "
+                                        f"(stage {stage}), which no longer exists")
+            pc.run.checkpoints[stage] = path
+        return RenderShapePrior(loader(pc), int(cfg.model.prior_render_size))
+    if kind == "custom":
+        raise ValueError("this checkpoint was trained with a prior injected through prior_factory: pass the same "
+                         "prior_factory to load_from_checkpoint")
+    raise ValueError(f"unknown prior source {source!r}")
+
+
+def _rows(batch: dict, rows: list[int]) -> dict:
+    n = batch["visible"].shape[0]
+    idx = torch.as_tensor(rows, device=batch["visible"].device)
+    return {k: (v[idx] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class RefineStage(AmodalStage):
+    """The `refine` stage (see the module doc). prior_factory(cfg) -> nn.Module
+    replaces build_prior (tests, custom priors); prior_source is what a checkpoint
+    recorded (load_from_checkpoint passes it back)."""
+
+    trainable_prior = False
+
+    def __init__(self, cfg, prior_source: dict | None = None, prior_factory: Callable | None = None) -> None:
+        super().__init__(cfg)
+        m = self.cfg.model
+        if str(m.prior) not in PRIOR_KINDS:
+            raise ValueError(f"model.prior={m.prior!r}: expected one of {', '.join(PRIOR_KINDS)}")
+        if str(m.gate) not in GATES:
+            raise ValueError(f"model.gate={m.gate!r}: expected one of {', '.join(GATES)}")
+        if not 0.0 <= float(m.unknown_occluder_prob) <= 1.0:
+            raise ValueError(f"model.unknown_occluder_prob={m.unknown_occluder_prob}: expected a probability")
+        self.m = m
+        self.net = RefineNet(int(m.base_channels), int(m.depth), str(m.gate), bool(m.region_specific),
+                             bool(m.coarse_residual))
+        if str(m.prior) == "none":
+            prior, source = None, {"kind": "none"}
+        elif prior_factory is not None:
+            prior, source = prior_factory(self.cfg), {"kind": "custom"}
+        elif prior_source is not None:
+            prior, source = prior_from_source(self.cfg, prior_source), dict(prior_source)
+        else:
+            prior, source = build_prior(self.cfg)
+        if prior is not None and not callable(getattr(prior, "coarse_mask", None)):
+            raise TypeError(f"the 3D prior {type(prior).__name__} has no coarse_mask(batch) method")
+        self.prior = prior
+        self.prior_source = source
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(self.cfg, resolve=True), "prior_source": source})
+        self.set_prior_trainable({})
+        self.camera_source = "predicted"
+        self.register_buffer("true_camera_map", identity_camera_map(), persistent=False)
+        self._cache: dict[str, dict[int, torch.Tensor]] = {}
+        self._last_coarse: torch.Tensor | None = None
+        from metrics.amodal_iou import AmodalMIoU
+
+        self.val_coarse_metric = AmodalMIoU(num_categories=len(CATEGORIES))
+
+    # -- the prior ------------------------------------------------------------------------
+    def prior_stage_modules(self) -> dict[str, nn.Module]:
+        """The prior's parts by stage (a prior that does not say counts as `render`)."""
+        if self.prior is None:
+            return {}
+        if hasattr(self.prior, "stage_modules"):
+            return dict(self.prior.stage_modules())
+        return {"render": self.prior}
+
+    def set_prior_trainable(self, trainable: dict[str, bool]) -> None:
+        """requires_grad per prior stage (refine: everything frozen)."""
+        if self.prior is None:
+            return
+        for p in self.prior.parameters():
+            p.requires_grad_(False)
+        for stage, mod in self.prior_stage_modules().items():
+            for p in mod.parameters():
+                p.requires_grad_(bool(trainable.get(stage, False)))
+        self.prior.eval()
+
+    def prior_is_frozen(self) -> bool:
+        return self.prior is None or not any(p.requires_grad for p in self.prior.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.prior is not None:  # the prior keeps its checkpoint's normalisation statistics, also in joint
+            self.prior.eval()
+        return self
+
+    def _cache_split(self) -> str | None:
+        trainer = getattr(self, "_trainer", None)
+        if not self.m.cache_prior or trainer is None or not self.prior_is_frozen() or self.camera_source != "predicted":
+            return None
+        if trainer.state.fn != "fit":
+            return None
+        return "train" if self.training else "val"
+
+    def _run_prior(self, batch: dict) -> torch.Tensor:
+        if self.camera_source == "true":
+            camera = self.mapped_true_camera(batch)
+            with torch.no_grad():
+                try:
+                    return self.prior.coarse_mask(batch, camera=camera).float()
+                except TypeError as err:
+                    raise TypeError(f"the 3D prior {type(self.prior).__name__} cannot render from a given camera "
+                                    f"(coarse_mask(batch, camera=...)): {err}") from None
+        if self.prior_is_frozen():
+            with torch.no_grad():
+                return self.prior.coarse_mask(batch).float()
+        return self.prior.coarse_mask(batch).float()
+
+    def coarse_mask(self, batch: dict) -> torch.Tensor:
+        """(B,1,S,S) coarse amodal mask of the prior (zeros without one)."""
+        if self.prior is None:
+            return torch.zeros_like(batch["visible"], dtype=torch.float32)
+        split = self._cache_split()
+        if split is None:
+            return self._run_prior(batch)
+        cache = self._cache.setdefault(split, {})
+        keys = [int(k) for k in batch["index"].tolist()]
+        missing = [i for i, k in enumerate(keys) if k not in cache]
+        if missing:
+            fresh = self._run_prior(_rows(batch, missing) if len(missing) < len(keys) else batch)
+            q = (fresh.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            for j, i in enumerate(missing):
+                cache[keys[i]] = q[j]
+        dev = batch["visible"].device
+        return torch.stack([cache[k] for k in keys]).to(dev).float() / 255.0
+
+    # -- the true-camera evaluation variant -------------------------------------------------
+    def mapped_true_camera(self, batch: dict) -> torch.Tensor:
+        """The true camera (evaluation only) in the prior's learned frame (true_camera_map)."""
+        return map_true_camera(batch["eval_camera"].float(), batch["category"], self.true_camera_map)
+
+    # -- training -----------------------------------------------------------------------
+    def occluder_input(self, visible: torch.Tensor, occluded: torch.Tensor) -> torch.Tensor:
+        """Training augmentation: with probability unknown_occluder_prob an item's occluder
+        becomes "anything outside the visible mask", what predict uses when no occluder
+        is known."""
+        p = float(self.m.unknown_occluder_prob)
+        if not self.training or p <= 0:
+            return occluded
+        unknown = (torch.rand(visible.shape[0], 1, 1, 1, device=visible.device) < p).float()
+        return unknown * (1.0 - (visible > 0.5).float()) + (1.0 - unknown) * occluded
+
+    def loss_weights(self) -> dict[str, float]:
+        m = self.m
+        return {"hidden": m.w_hidden, "band": m.w_band, "visible": m.w_visible, "other": m.w_other, "dice": m.w_dice}
+
+    def refine_terms(self, batch: dict, coarse: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The supervised refine loss terms of a batch (target: the amodal crop)."""
+        visible = batch["visible"]
+        out = self.net(batch["rgb"], visible, self.occluder_input(visible, batch["occluded"]), coarse)
+        return region_losses(out, batch["eval_amodal"], visible, self.loss_weights(), int(self.m.band_width),
+                             int(self.m.hidden_dilate))
+
+    def _log_terms(self, terms: dict[str, torch.Tensor], b: int, prefix: str = "train") -> None:
+        self.log(f"{prefix}/loss", terms["loss"], prog_bar=True, batch_size=b)
+        for k, v in terms.items():
+            if k != "loss":
+                self.log(f"{prefix}/{k}", v, batch_size=b)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.camera_source != "predicted":
+            raise RuntimeError("camera_source='true' reads the true camera: evaluation only, never in training")
+        terms = self.refine_terms(batch, self.coarse_mask(batch))
+        self._log_terms(terms, batch["visible"].shape[0])
+        if self.net.coarse_gain is not None:
+            self.log("train/coarse_gain", self.net.coarse_gain.detach(), batch_size=batch["visible"].shape[0])
+        return terms["loss"]
+
+    # -- prediction and evaluation ---------------------------------------------------------
+    def predict_amodal(self, batch: dict) -> torch.Tensor:
+        coarse = self.coarse_mask(batch)
+        self._last_coarse = coarse
+        return self.net(batch["rgb"], batch["visible"], batch["occluded"], coarse)["prob"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from datamodules.crops import paste_crop_to_image
+
+        self.evaluate_batch(batch, self.val_metric)
+        h, w = batch["image_visible"].shape[-2:]
+        coarse = paste_crop_to_image(self._last_coarse, batch["crop_box"], h, w)
+        self.val_coarse_metric.update(coarse > 0.5, batch["eval_image_amodal"] > 0.5, batch["image_visible"] > 0.5,
+                                      batch["category"])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.prior is not None and self.val_coarse_metric.update_count:
+            self.log("val/coarse_miou", self.val_coarse_metric.compute()["miou"])
+        self.val_coarse_metric.reset()
+
+    def configure_callbacks(self):
+        from callbacks.tensorboard_images import TensorBoardImages
+
+        return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs))]
+
+
+# ----------------------------------------------------------------------------- true camera (evaluation only)
+
+
+def identity_camera_map() -> torch.Tensor:
+    """(C,4) per category: azimuth sign, azimuth offset, elevation offset, distance offset."""
+    out = torch.zeros(len(CATEGORIES), 4)
+    out[:, 0] = 1.0
+    return out
+
+
+def map_true_camera(true: torch.Tensor, category: torch.Tensor, cmap: torch.Tensor) -> torch.Tensor:
+    """(B,3) true cameras mapped into the learned frame: az' = sign*az + off, el + d_el, dist + d_dist."""
+    t = cmap.to(true.device, true.dtype)[category.long()]
+    az = torch.remainder(t[:, 0] * true[:, 0] + t[:, 1], 360.0)
+    return torch.stack([az, true[:, 1] + t[:, 2], true[:, 2] + t[:, 3]], dim=1)
+
+
+def fit_camera_map(category: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """(C,4) camera map minimising the mean azimuth error per category (1 degree grid,
+    both azimuth directions: the learned frame may be mirrored) plus the mean
+    elevation and distance differences. Categories without rows keep the identity."""
+    from models.recon_losses import azimuth_difference
+
+    cmap = identity_camera_map().to(pred.dtype)
+    grid = torch.arange(360, dtype=pred.dtype)
+    for c in range(len(CATEGORIES)):
+        sel = category.long().cpu() == c
+        if not sel.any():
+            continue
+        p, t = pred[sel].cpu(), true[sel].cpu()
+        best = None
+        for sign in (1.0, -1.0):
+            err = azimuth_difference(p[None, :, 0], sign * t[None, :, 0] + grid[:, None]).mean(1)
+            k = int(err.argmin())
+            if best is None or float(err[k]) < best[0]:
+                best = (float(err[k]), sign, float(grid[k]))
+        cmap[c] = torch.tensor([best[1], best[2], float((p[:, 1] - t[:, 1]).mean()), float((p[:, 2] - t[:, 2]).mean())])
+    return cmap
+
+
+@torch.no_grad()
+def calibrate_true_camera(
+    module: RefineStage, loader, device: torch.device, max_batches: int | None = None
+) -> torch.Tensor:
+    """Fit module.true_camera_map on `loader` (the validation split: evaluation only)
+    and switch the module to camera_source='true'."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    if module.prior is None or not callable(getattr(module.prior, "camera", None)):
+        raise TypeError(f"the 3D prior {type(module.prior).__name__} exposes no camera(batch): the true-camera "
+                        "variant needs it to align the learned frame with the true one")
+    cats, preds, trues = [], [], []
+    module.eval()
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = move_data_to_device(batch, device)
+        preds.append(module.prior.camera(batch).float().cpu())
+        trues.append(batch["eval_camera"].float().cpu())
+        cats.append(batch["category"].cpu())
+    if not preds:
+        raise ValueError("calibrate_true_camera: the loader is empty")
+    cmap = fit_camera_map(torch.cat(cats), torch.cat(preds), torch.cat(trues))
+    module.true_camera_map = cmap.to(device)
+    module.camera_source = "true"
+    return cmap
+
+
+# ----------------------------------------------------------------------------- Ours and the bench rows
+
+OURS = "Ours"
+OURS_TRUE_CAMERA = "Ours + true-camera render (eval only)"
+
+
+def validation_score(checkpoint: Path) -> float | None:
+    """The best validation score of the run a checkpoint belongs to (summary.json,
+    else the checkpoint callback's state)."""
+    summary = Path(checkpoint).parent.parent / "summary.json"
+    if summary.is_file():
+        try:
+            score = json.loads(summary.read_text()).get("best_score")
+            if score is not None and math.isfinite(float(score)):
+                return float(score)
+        except (ValueError, OSError):
+            pass
+    try:
+        ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if "ModelCheckpoint" in str(key) and state.get("best_model_score") is not None:
+            return float(state["best_model_score"])
+    return None
+
+
+def ours_checkpoint(experiment: str, root: str = "runs", overrides: dict | None = None) -> tuple[str, Path]:
+    """(stage, checkpoint) of the Ours row: joint, unless it is missing or its
+    validation mIoU is not higher than refine's. Selection uses validation scores,
+    never the test split."""
+    overrides = overrides or {}
+    found: dict[str, Path] = {}
+    for stage in ("joint", "refine"):
+        try:
+            found[stage] = find_stage_checkpoint(stage, experiment, root, overrides.get(stage))
+        except FileNotFoundError:
+            continue
+    if not found:
+        exp_arg = "" if experiment == "default" else f" EXP={experiment}"
+        raise FileNotFoundError(f"no refine or joint checkpoint for experiment {experiment!r}: train them with "
+                                f"`make train STAGE=refine{exp_arg}` then `make train STAGE=joint{exp_arg}`")
+    if "joint" in found and "refine" in found:
+        sj, sr = validation_score(found["joint"]), validation_score(found["refine"])
+        if sj is None or (sr is not None and sj <= sr):
+            return "refine", found["refine"]
+        return "joint", found["joint"]
+    stage = next(iter(found))
+    return stage, found[stage]
+
+
+def load_stage_module(stage: str, checkpoint: str | Path, device: torch.device | str = "cpu") -> RefineStage:
+    """A refine-family stage module (refine, refine_2d, joint) from its checkpoint, in eval mode."""
+    from lightning_modules.registry import get_stage
+
+    module = get_stage(stage).module.load_from_checkpoint(str(checkpoint), map_location=device)
+    return module.to(device).eval()
+
+
+@dataclass
+class BenchRow:
+    """A table row computed from another stage's checkpoint (see STAGE.extra["bench_rows"]).
+
+    load(cfg, device) -> AmodalStage ready to score; status "ok" or why not.
+    """
+
+    name: str
+    stage: str
+    checkpoint: Path | None
+    status: str
+    load: Callable[[DictConfig, torch.device], AmodalStage] | None = None
+
+
+def _val_loader(cfg: DictConfig):
+    from datamodules.build import ensure_dataset
+    from datamodules.crops import CropDataModule
+
+    ensure_dataset(cfg.data)
+    dm = CropDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}))
+    dm.setup("validate")
+    return dm.val_dataloader()
+
+
+def bench_rows(experiment: str, root: str = "runs") -> list[BenchRow]:
+    """The Ours row and Ours fed with the true-camera render (evaluation only)."""
+    from amodal3d.bench.table import NOT_TRAINED
+
+    try:
+        stage, ckpt = ours_checkpoint(experiment, root)
+    except FileNotFoundError:
+        return [BenchRow(OURS, "refine", None, NOT_TRAINED), BenchRow(OURS_TRUE_CAMERA, "refine", None, NOT_TRAINED)]
+
+    def load_ours(cfg: DictConfig, device: torch.device) -> AmodalStage:
+        return load_stage_module(stage, ckpt, device)
+
+    def load_true_camera(cfg: DictConfig, device: torch.device) -> AmodalStage:
+        module = load_stage_module(stage, ckpt, device)
+        calibrate_true_camera(module, _val_loader(cfg), device)
+        return module
+
+    return [BenchRow(OURS, stage, ckpt, "ok", load_ours),
+            BenchRow(OURS_TRUE_CAMERA, stage, ckpt, "ok", load_true_camera)]
+
+
+STAGE = StageSpec(
+    name="refine",
+    module=RefineStage,
+    model_schema=RefineModelConfig,
+    data="crops",
+    depends_on=("recon",),
+    method="refine (3D prior frozen)",
+    help="step 5: region-specific refinement of the 3D prior's render (supervised by amodal masks)",
+    extra={"bench_rows": bench_rows},
+)

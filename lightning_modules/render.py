@@ -1,0 +1,382 @@
+"""Stage `render`: the predicted mesh, seen by the predicted camera, placed in the
+instance's crop frame — the coarse amodal mask the refine stage consumes.
+
+Everything 3D is frozen: the mesh comes from recon, the camera from recon's head
+or from the viewpoint estimator (`model.camera_source`: `recon`, `viewpoint`, or
+`auto` = the estimator when its checkpoint records a lower aligned validation
+azimuth error than recon's head and was trained on the recon checkpoint in use;
+the choice and its reason are printed and stored in the checkpoint). The mesh
+and camera of the viewpoint checkpoint's own embedded recon are used together,
+so the camera is always in the frame of the mesh it is applied to.
+
+The trainable part is the placement (models.placement): the projection's box
+is fitted onto the amodal box in the crop frame per axis (`model.fit: axes`, or
+recon's single scale: `uniform`), then moved by a bounded residual (box scale and
+shift) predicted from recon's crop feature. It learns only from what the
+gt-visible protocol gives: the rendered silhouette must match the visible mask
+outside the pixels known to be occluded (masked IoU + L2, as recon), and its
+extent must stay on the amodal box. Validation logs val/miou (this stage's coarse
+mask), val/miou_recon_render (recon's own rendering, for comparison) and the
+label-free monitor val/visible_iou.
+
+For other stages: `load_shape_prior(cfg)` returns the frozen ShapePrior of the
+latest render checkpoint; `ShapePrior.coarse_mask(batch)` is the coarse mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from pytorch3d.structures import Meshes
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from amodal3d.categories import CATEGORIES
+from amodal3d.runs import find_stage_checkpoint
+from lightning_modules.common import AmodalStage, as_config
+from lightning_modules.registry import StageSpec
+from lightning_modules.viewpoint import (
+    ViewpointNet,
+    ViewpointStage,
+    check_crop_geometry,
+    estimator_camera,
+    freeze_,
+    load_recon_dependency,
+    read_viewpoint_checkpoint,
+    recon_net_from_spec,
+)
+from models.mesh_renderer import fit_placement, make_silhouette_renderer, project
+from models.placement import FIT_MODES, PlacementHead, adjust_box, box_placement, placed_cameras, placed_extent
+from models.recon_losses import resize_mask, silhouette_loss, visible_iou
+
+CAMERA_SOURCES = ("auto", "recon", "viewpoint")
+
+
+@dataclass
+class RenderModelConfig:
+    camera_source: str = "auto"  # auto | recon | viewpoint
+    fit: str = "axes"  # axes: both sides of the amodal box | uniform: recon's single scale
+    hidden: int = 64
+    max_log_scale: float = 0.2  # residual box scale bound (log units)
+    max_shift: float = 0.1  # residual box shift bound (in box sides)
+    render_size: int = 32  # resolution of the training losses
+    w_iou: float = 1.0
+    w_mse: float = 1.0
+    w_box: float = 1.0
+    mesh_log_every_n_epochs: int = 5
+
+
+# -- camera source ------------------------------------------------------------------------------
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def choose_camera_source(requested: str, recon_checkpoint: str | Path, viewpoint: dict | None) -> tuple[str, str]:
+    """(source, reason). viewpoint: read_viewpoint_checkpoint(...) or None when there is none."""
+    if requested not in CAMERA_SOURCES:
+        raise ValueError(f"model.camera_source={requested!r}: expected one of {', '.join(CAMERA_SOURCES)}")
+    if requested == "recon":
+        return "recon", "model.camera_source=recon"
+    if requested == "viewpoint":
+        if viewpoint is None:
+            raise FileNotFoundError("model.camera_source=viewpoint but no viewpoint checkpoint was given")
+        note = "" if _same_file(viewpoint["recon_checkpoint"], recon_checkpoint) else (
+            f"; its embedded recon ({viewpoint['recon_checkpoint']}) is used, not {recon_checkpoint}")
+        return "viewpoint", f"model.camera_source=viewpoint{note}"
+    if viewpoint is None:
+        return "recon", "auto: no viewpoint checkpoint"
+    if not _same_file(viewpoint["recon_checkpoint"], recon_checkpoint):
+        return "recon", (f"auto: the viewpoint checkpoint was trained on another recon checkpoint "
+                         f"({viewpoint['recon_checkpoint']}); retrain viewpoint to use it")
+    errs = viewpoint["camera_errors"]
+    vp, rc = errs.get("az_err_viewpoint"), errs.get("az_err_recon")
+    if vp is None or rc is None or not (math.isfinite(vp) and math.isfinite(rc)):
+        return "recon", "auto: the viewpoint checkpoint records no validation camera errors"
+    if vp < rc:
+        return "viewpoint", f"auto: val azimuth error (aligned) {vp:.1f} deg (viewpoint) < {rc:.1f} deg (recon)"
+    return "recon", f"auto: val azimuth error (aligned) {rc:.1f} deg (recon) <= {vp:.1f} deg (viewpoint)"
+
+
+# -- the shape prior ----------------------------------------------------------------------------
+
+
+class ShapePrior(nn.Module):
+    """Crop batch -> mesh, camera, placement and the coarse amodal mask in the crop frame.
+
+    Built from a plain `spec` dict (ShapePrior(spec); `prior.spec` gives it back), so a
+    module holding a ShapePrior can rebuild it from its own hyperparameters and take the
+    weights from its own state_dict. recon and the viewpoint estimator are always
+    frozen (eval mode, no gradients); the placement head is trainable until frozen.
+    Reads batch keys rgb, visible, occluded, category, crop_box, amodal_box only."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__()
+        if spec["camera_source"] not in ("recon", "viewpoint"):
+            raise ValueError(f"ShapePrior spec camera_source={spec['camera_source']!r}: expected recon or viewpoint")
+        if spec["fit"] not in FIT_MODES:
+            raise ValueError(f"model.fit={spec['fit']!r}: expected one of {', '.join(FIT_MODES)}")
+        self.spec = spec
+        self.recon = freeze_(recon_net_from_spec(spec["recon"]))
+        self.viewpoint = (freeze_(ViewpointNet.from_spec(spec["viewpoint"]))
+                          if spec["camera_source"] == "viewpoint" else None)
+        p = spec["placement"]
+        self.placement = PlacementHead(
+            self.recon.encoder.feat_dim, len(CATEGORIES), geometry_dim=2, hidden=int(p["hidden"]),
+            max_log_scale=float(p["max_log_scale"]), max_shift=float(p["max_shift"]),
+        )
+        self.fit = spec["fit"]
+        self._renderers: dict[int, nn.Module] = {}
+
+    @property
+    def crop_size(self) -> int:
+        return self.recon.crop_size
+
+    @property
+    def faces(self) -> torch.Tensor:
+        return self.recon.faces
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in ("recon", "viewpoint"):
+            if self._modules.get(name) is not None:
+                self._modules[name].eval()
+        return self
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """dict(verts (B,V,3), faces (F,3), camera (B,3) from the chosen source, box (B,4) NDC
+        amodal box, target (B,4) box after the residual, residual (B,4), place (B,4)
+        sx/sy/tx/ty, feat (B,D))."""
+        if self.viewpoint is None:  # recon's own inference: its camera selection included
+            rec = self.recon(batch)
+            verts, box, camera = rec["verts"], rec["box"], rec["camera"]
+        else:
+            rec = self.recon.encode(self.recon.inputs(batch), batch["category"])
+            verts, box = rec["verts"], self.recon.target_box(batch)
+            camera = estimator_camera(self.recon, self.viewpoint.predict(batch), verts, batch, box)
+        p = project(verts, camera, self.recon.renderer.fov)
+        extent = (p.max(dim=1).values - p.min(dim=1).values).clamp_min(1e-4)
+        geometry = torch.stack([torch.log(extent[:, 0] / extent[:, 1]),
+                                torch.log(box[:, 2].clamp_min(1e-4) / box[:, 3].clamp_min(1e-4))], dim=1)
+        residual = self.placement(rec["feat"], batch["category"], geometry)
+        target = adjust_box(box, residual)
+        place = box_placement(verts, camera, target, self.fit, self.recon.renderer.fov)
+        return {"verts": verts, "faces": self.faces, "camera": camera, "box": box, "target": target,
+                "residual": residual, "place": place, "feat": rec["feat"]}
+
+    def _renderer(self, size: int) -> nn.Module:
+        if size not in self._renderers:
+            r = self.recon.renderer
+            self._renderers[size] = make_silhouette_renderer(size, sigma=r.sigma, faces_per_pixel=r.faces_per_pixel,
+                                                             backend=r.backend)
+        return self._renderers[size]
+
+    def render(self, out: dict, size: int | None = None) -> torch.Tensor:
+        """(B,1,S,S) soft silhouettes of forward()'s output (S = crop size by default)."""
+        verts = out["verts"]
+        meshes = Meshes(verts=verts, faces=self.faces[None].expand(verts.shape[0], -1, -1))
+        cams = placed_cameras(out["camera"], out["place"], self.recon.renderer.fov)
+        return self._renderer(int(size or self.crop_size))(meshes, cams)[:, None]
+
+    def coarse_mask(self, batch: dict, size: int | None = None) -> torch.Tensor:
+        """(B,1,S,S) coarse amodal-mask probabilities in the crop frame of `batch`."""
+        return self.render(self(batch), size)
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+
+def _check_model(m: DictConfig) -> None:
+    if m.camera_source not in CAMERA_SOURCES:
+        raise ValueError(f"model.camera_source={m.camera_source!r}: expected one of {', '.join(CAMERA_SOURCES)}")
+    if m.fit not in FIT_MODES:
+        raise ValueError(f"model.fit={m.fit!r}: expected one of {', '.join(FIT_MODES)}")
+    if int(m.render_size) < 8:
+        raise ValueError(f"model.render_size={m.render_size}: use at least 8 pixels")
+
+
+def resolve_prior(cfg: DictConfig) -> tuple[dict, dict[str, dict]]:
+    """Find the checkpoints a fresh render stage builds on and pick the camera source.
+
+    Returns (deps for the hyperparameters, state dicts {"recon": ..., "viewpoint": ...})."""
+    m = cfg.model
+    ckpts = cfg.run.checkpoints
+    recon_ckpt = find_stage_checkpoint("recon", cfg.experiment, cfg.run.root, ckpts.get("recon"))
+    vp_ckpt, vp_info = None, None
+    if m.camera_source in ("auto", "viewpoint"):
+        try:
+            vp_ckpt = find_stage_checkpoint("viewpoint", cfg.experiment, cfg.run.root, ckpts.get("viewpoint"))
+        except FileNotFoundError:
+            if m.camera_source == "viewpoint":
+                raise
+        vp_info = read_viewpoint_checkpoint(vp_ckpt) if vp_ckpt is not None else None
+    source, reason = choose_camera_source(str(m.camera_source), recon_ckpt, vp_info)
+    states: dict[str, dict] = {}
+    if source == "viewpoint":
+        vstage = ViewpointStage.load_from_checkpoint(str(vp_ckpt), map_location="cpu")
+        recon_spec, vp_spec = vstage.deps["recon"], vstage.net.spec
+        states = {"recon": vstage.recon.state_dict(), "viewpoint": vstage.net.state_dict()}
+    else:
+        recon_net, recon_spec = load_recon_dependency(recon_ckpt)
+        vp_spec = None
+        states = {"recon": recon_net.state_dict()}
+    spec = {
+        "recon": recon_spec, "viewpoint": vp_spec, "camera_source": source, "fit": str(m.fit),
+        "placement": {"hidden": int(m.hidden), "max_log_scale": float(m.max_log_scale),
+                      "max_shift": float(m.max_shift)},
+    }
+    deps = {
+        "spec": spec, "recon_checkpoint": str(Path(recon_ckpt).resolve()),
+        "viewpoint_checkpoint": vp_info["checkpoint"] if vp_info else None,
+        "camera_choice": reason, "viewpoint_camera_errors": vp_info["camera_errors"] if vp_info else {},
+    }
+    return deps, states
+
+
+class RenderStage(AmodalStage):
+    """The `render` stage (see the module docstring).
+
+    deps: None when training starts (checkpoints are found and the camera source
+    chosen); the stored choice when Lightning restores a checkpoint."""
+
+    def __init__(self, cfg, deps: dict | None = None) -> None:
+        super().__init__(cfg)
+        cfg = as_config(cfg)
+        self.m = cfg.model
+        _check_model(self.m)
+        states = None
+        if deps is None:
+            deps, states = resolve_prior(cfg)
+            print(f"[render] camera source: {deps['spec']['camera_source']} ({deps['camera_choice']})", flush=True)
+        check_crop_geometry(cfg, deps["spec"]["recon"])
+        self.prior = ShapePrior(deps["spec"])
+        if states is not None:
+            self.prior.recon.load_state_dict(states["recon"])
+            if self.prior.viewpoint is not None:
+                self.prior.viewpoint.load_state_dict(states["viewpoint"])
+        self.save_hyperparameters({"deps": deps})
+        self.deps = deps
+        from metrics.amodal_iou import AmodalMIoU
+
+        self.val_base = AmodalMIoU(num_categories=len(CATEGORIES))
+        self.test_base = AmodalMIoU(num_categories=len(CATEGORIES))
+        self.val_visible_iou, self.test_visible_iou = MeanMetric(), MeanMetric()
+        self._last: dict | None = None
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        m = self.m
+        size = int(m.render_size)
+        out = self.prior(batch)
+        sil = self.prior.render(out, size)[:, 0]
+        target = resize_mask(batch["visible"], size)
+        weight = 1.0 - resize_mask(batch["occluded"], size)
+        extent = placed_extent(out["verts"], out["camera"], out["place"], self.prior.recon.renderer.fov)
+        losses = {
+            "silhouette": silhouette_loss(sil, target, weight, float(m.w_iou), float(m.w_mse)).mean(),
+            "box": (extent - out["box"]).abs().sum(dim=1).mean(),
+        }
+        loss = losses["silhouette"] + float(m.w_box) * losses["box"]
+        b = sil.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=b)
+        with torch.no_grad():
+            self.log("train/residual_abs", out["residual"].abs().mean(), batch_size=b)
+            self.log("train/visible_iou", visible_iou(sil, target, 1.0 - weight).mean(), batch_size=b)
+        return loss
+
+    # -- prediction -----------------------------------------------------------------------------
+    def predict_amodal(self, batch: dict) -> torch.Tensor:
+        out = self.prior(batch)
+        sil = self.prior.render(out)
+        self._last = {"out": out, "sil": sil}
+        return sil
+
+    def predict_meshes(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prior(batch)["verts"], self.prior.faces
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _evaluate(self, batch: dict, metric, base, vis) -> None:
+        from datamodules.crops import paste_crop_to_image
+
+        self.evaluate_batch(batch, metric)
+        vis.update(visible_iou(self._last["sil"], batch["visible"], batch["occluded"]))
+        # recon's own rendering (its camera, single-scale fit): the row this stage improves on
+        recon = self.prior.recon
+        if self.prior.viewpoint is None:  # same mesh and camera as ours: only the placement differs
+            out = self._last["out"]
+            place = fit_placement(out["verts"], out["camera"], out["box"], recon.renderer.fov)
+            plain = recon.renderer(out["verts"], recon.faces, out["camera"], place, recon.crop_size)[:, None]
+        else:
+            plain = recon.silhouette(batch)
+        h, w = batch["image_visible"].shape[-2:]
+        image_prob = paste_crop_to_image(plain.float(), batch["crop_box"], h, w)
+        base.update(image_prob > 0.5, batch["eval_image_amodal"] > 0.5, batch["image_visible"] > 0.5,
+                    batch["category"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metric, self.val_base, self.val_visible_iou)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metric, self.test_base, self.test_visible_iou)
+
+    def _epoch_end(self, prefix: str, base, vis) -> None:
+        self.log(f"{prefix}/visible_iou", vis.compute())
+        vis.reset()
+        res = base.compute()
+        self.log(f"{prefix}/miou_recon_render", res["miou"], sync_dist=False)
+        self.log(f"{prefix}/miou_occ_recon_render", res["miou_occ"], sync_dist=False)
+        base.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._epoch_end("val", self.val_base, self.val_visible_iou)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._epoch_end("test", self.test_base, self.test_visible_iou)
+
+    def configure_callbacks(self):
+        from callbacks.tensorboard_images import TensorBoardImages
+
+        return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs),
+                                  mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))]
+
+
+# -- the API for the refine stage ---------------------------------------------------------------
+
+
+def shape_prior_from_checkpoint(checkpoint: str | Path, map_location: str | torch.device = "cpu") -> ShapePrior:
+    """The frozen ShapePrior (eval mode, no gradients) of a render checkpoint."""
+    stage = RenderStage.load_from_checkpoint(str(checkpoint), map_location=map_location)
+    return freeze_(stage.prior)
+
+
+def load_shape_prior(cfg, map_location: str | torch.device = "cpu") -> ShapePrior:
+    """The frozen ShapePrior of the render stage of cfg's experiment: run.checkpoints.render
+    if set, else the best checkpoint of the latest render run (a clear error naming
+    `make train STAGE=render` when there is none)."""
+    cfg = as_config(cfg)
+    ckpt = find_stage_checkpoint("render", cfg.experiment, cfg.run.root, cfg.run.checkpoints.get("render"))
+    return shape_prior_from_checkpoint(ckpt, map_location)
+
+
+STAGE = StageSpec(
+    name="render",
+    module=RenderStage,
+    model_schema=RenderModelConfig,
+    data="crops",
+    depends_on=("recon", "viewpoint"),
+    method="render",
+    help="coarse amodal mask: recon mesh under the better camera (viewpoint optional, model.camera_source),"
+    " placed per axis on the amodal box",
+)

@@ -1,0 +1,411 @@
+"""Stage `viewpoint`: a camera estimator made robust to occlusion with data it makes itself.
+
+No pose labels: for each batch of real crops the frozen recon network (the
+checkpoint of stage `recon`) predicts the instances' meshes; each mesh is
+rendered at a camera sampled from recon's prior (azimuth uniform on the circle,
+elevation and distance uniform in recon's ranges) into the crop frame the
+loader would build around it, cut by random erasers like the dataset's
+(models.occlusion_synth), and the estimator regresses the sampled camera from
+the visible and occluded masks. The cameras live in recon's learned canonical
+frame, so the estimator can stand in for recon's camera head.
+
+The estimator reuses recon's classes (models.encoder.CropEncoder +
+models.camera_head.CameraHead, with recon's multiplex size K by default) and
+starts from recon's encoder and head weights; training keeps the hypothesis
+nearest the sampled camera and teaches the score to rank it first. At inference
+its camera is picked among its hypotheses by recon's own rule (the render that
+best explains the visible mask, ReconNet.select_camera), so both are compared
+under the same selection. Its RGB channels are always zero: a silhouette render
+has no texture, so training and test inputs only agree on the masks.
+
+Validation compares, on real crops, the estimator's cameras and recon's own
+camera head with the true cameras (`eval_camera`: evaluation only), after the
+same per-category azimuth alignment recon reports (recon.camera_errors):
+`val/az_err_viewpoint`, `val/az_err_recon` (aligned mean azimuth error, deg) and
+the raw / median / acc30 / elevation / distance variants. Those numbers are also
+stored in every checkpoint (`camera_errors`), which is how the render stage's
+camera_source=auto picks the better camera. The checkpoint monitor needs no
+labels: the estimator's loss on self-generated renders of the val crops'
+meshes with fixed seeds (`val/synth_camera_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics.aggregation import CatMetric, MeanMetric
+
+from amodal3d.categories import CATEGORIES
+from amodal3d.runs import find_stage_checkpoint
+from lightning_modules.common import AmodalStage, as_config
+from lightning_modules.recon import ReconModelConfig, ReconNet, camera_errors, load_recon
+from lightning_modules.registry import StageSpec
+from models.camera_head import CameraHead
+from models.encoder import CropEncoder, crop_channels
+from models.mesh_renderer import centred_box_ndc, fit_placement
+from models.occlusion_synth import OccluderParams, synth_occluders
+from models.recon_losses import camera_loss, sample_cameras, visible_iou
+
+
+@dataclass
+class ViewpointModelConfig:
+    backbone: str = "resnet10t"  # timm model name, pretrained=False
+    feat_dim: int = 256
+    hypotheses: int = 0  # camera multiplex size K; 0: recon's K (the head is copied from recon only when K matches)
+    init_from_recon: bool = True  # start from recon's encoder (and camera head when K matches)
+    occluders_min: int = 1
+    occluders_max: int = 2
+    occlusion_min: float = 0.1
+    occlusion_max: float = 0.7
+    occluder_tries: int = 8
+    unoccluded_fraction: float = 0.1  # share of self-generated samples left whole
+    w_hypothesis: float = 0.1
+    mesh_log_every_n_epochs: int = 5
+
+
+# -- the frozen recon dependency ---------------------------------------------------------------
+
+
+def recon_net_from_spec(spec: dict) -> ReconNet:
+    """An (untrained) ReconNet of a recon dependency spec {"model": ..., "crop_size": ...};
+    keys recon added since the spec was written take recon's defaults, keys it dropped
+    are carried along unread."""
+    model = OmegaConf.merge(OmegaConf.create(asdict(ReconModelConfig())), spec["model"])
+    return ReconNet(model, num_categories=len(CATEGORIES), crop_size=int(spec["crop_size"]))
+
+
+def load_recon_dependency(checkpoint: str | Path) -> tuple[ReconNet, dict]:
+    """The frozen ReconNet of a recon checkpoint and the spec that rebuilds it."""
+    checkpoint = Path(checkpoint)
+    net = load_recon(str(checkpoint))
+    hp = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+    cfg = hp.get("cfg") or {}
+    if cfg.get("stage") != "recon" or "model" not in cfg:
+        raise ValueError(f"{checkpoint}: not a checkpoint of stage 'recon' (hyper_parameters.cfg.stage="
+                         f"{cfg.get('stage')!r}); point run.checkpoints.recon at a recon run's .ckpt")
+    spec = {
+        "checkpoint": str(checkpoint.resolve()),
+        "model": dict(cfg["model"]),
+        "crop_size": int(cfg["loader"]["crop_size"]),
+        "crop_margin": float(cfg["loader"]["crop_margin"]),
+    }
+    return net, spec
+
+
+def freeze_(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients (BatchNorm statistics stay those of the checkpoint)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def check_crop_geometry(cfg: DictConfig, recon_spec: dict) -> None:
+    """A frozen recon only places meshes correctly in crops built like its own."""
+    if int(cfg.loader.crop_size) != int(recon_spec["crop_size"]):
+        raise ValueError(
+            f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {recon_spec['checkpoint']} was "
+            f"trained with crop_size={recon_spec['crop_size']}: use loader.crop_size={recon_spec['crop_size']}"
+        )
+
+
+# -- the estimator -----------------------------------------------------------------------------
+
+
+class ViewpointNet(nn.Module):
+    """Visible + occluded masks (+ category) -> camera, with recon's encoder and head classes.
+
+    forward(visible, occluded, category) -> CameraHead's dict (camera (B,3), hypotheses
+    (B,K,3), logits (B,K), best) plus feat (B,D). The encoder's RGB channels are fed zeros."""
+
+    def __init__(
+        self,
+        backbone: str,
+        feat_dim: int,
+        hypotheses: int,
+        elevation_range: tuple[float, float],
+        distance_range: tuple[float, float],
+        num_categories: int = len(CATEGORIES),
+    ) -> None:
+        super().__init__()
+        self.spec = {
+            "backbone": str(backbone), "feat_dim": int(feat_dim), "hypotheses": int(hypotheses),
+            "elevation_range": [float(v) for v in elevation_range],
+            "distance_range": [float(v) for v in distance_range],
+        }
+        self.encoder = CropEncoder(backbone=str(backbone), in_chans=5, feat_dim=int(feat_dim),
+                                   num_categories=num_categories)
+        self.camera_head = CameraHead(int(feat_dim), hypotheses=int(hypotheses),
+                                      elevation_range=tuple(elevation_range), distance_range=tuple(distance_range))
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ViewpointNet":
+        return cls(spec["backbone"], spec["feat_dim"], spec["hypotheses"],
+                   tuple(spec["elevation_range"]), tuple(spec["distance_range"]))
+
+    @staticmethod
+    def channels(visible: torch.Tensor, occluded: torch.Tensor) -> torch.Tensor:
+        """(B,5,S,S) input: zero RGB, visible, occluded."""
+        b, _, h, w = visible.shape
+        return crop_channels(visible.new_zeros(b, 3, h, w), visible, occluded, True)
+
+    def forward(self, visible: torch.Tensor, occluded: torch.Tensor, category: torch.Tensor) -> dict:
+        feat = self.encoder(self.channels(visible, occluded), category)
+        out = self.camera_head(feat)
+        out["feat"] = feat
+        return out
+
+    def predict(self, batch: dict) -> dict:
+        """The estimator on a crop batch (reads visible, occluded, category only)."""
+        return self(batch["visible"], batch["occluded"], batch["category"])
+
+    def init_from(self, recon: ReconNet) -> list[str]:
+        """Copy recon's encoder (and camera head when the shapes agree); names what was copied."""
+        copied = []
+        if recon.encoder.in_chans != self.encoder.in_chans:
+            raise ValueError(
+                "model.init_from_recon=true needs a recon trained with use_occluded=true (5 input channels, "
+                f"this one has {recon.encoder.in_chans}); set model.init_from_recon=false"
+            )
+        try:
+            self.encoder.load_state_dict(recon.encoder.state_dict())
+        except RuntimeError as err:
+            raise ValueError(
+                f"model.init_from_recon=true but the estimator differs from recon's encoder ({err}); use recon's "
+                "backbone and feat_dim or set model.init_from_recon=false"
+            ) from None
+        copied.append("encoder")
+        head = recon.camera_head
+        if head.k == self.camera_head.k:
+            self.camera_head.load_state_dict(head.state_dict())
+            copied.append("camera_head")
+        return copied
+
+
+def estimator_camera(recon: ReconNet, out: dict, verts: torch.Tensor, batch: dict, box: torch.Tensor) -> torch.Tensor:
+    """(B,3) the estimator's camera, picked among its K hypotheses by recon's own
+    inference rule (ReconNet.select_camera: the one whose render of the mesh best
+    explains the visible mask outside occluded pixels; no labels); K = 1: its only one."""
+    if out["hypotheses"].shape[1] == 1:
+        return out["hypotheses"][:, 0]
+    camera, _ = recon.select_camera({"hypotheses": out["hypotheses"], "verts": verts}, batch, box)
+    return camera
+
+
+# -- self-generated data -----------------------------------------------------------------------
+
+
+def synthesise(
+    recon: ReconNet,
+    verts: torch.Tensor,
+    category: torch.Tensor,
+    occluders: OccluderParams,
+    crop_margin: float,
+    unoccluded_fraction: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Renders of `verts` at sampled cameras, framed like the loader's crops and cut by
+    random erasers: dict(camera (B,3), amodal, visible, occluded (B,1,S,S) {0,1}, category)."""
+    b = verts.shape[0]
+    s = recon.crop_size
+    el = recon.camera_head.el_range
+    dist = recon.camera_head.dist_range
+    camera = sample_cameras(b, el, dist, verts.device, generator)
+    box = centred_box_ndc(verts, camera, crop_margin, recon.renderer.fov)
+    amodal = (recon.render(verts, camera, box, s) > 0.5).float()[:, None]
+    occluded = synth_occluders(amodal, occluders, generator)
+    if unoccluded_fraction > 0:
+        whole = torch.rand(b, generator=generator).to(verts.device) < unoccluded_fraction
+        occluded = occluded * (~whole).float()[:, None, None, None]
+    visible = amodal * (1.0 - occluded)
+    return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": occluded, "category": category}
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+class ViewpointStage(AmodalStage):
+    """The `viewpoint` stage (see the module docstring).
+
+    deps: None when training starts (the recon checkpoint is found and loaded);
+    the stored spec when Lightning restores a checkpoint (weights come from it)."""
+
+    def __init__(self, cfg, deps: dict | None = None) -> None:
+        super().__init__(cfg)
+        cfg = as_config(cfg)
+        m = cfg.model
+        self.m = m
+        fresh = deps is None
+        if fresh:
+            ckpt = find_stage_checkpoint("recon", cfg.experiment, cfg.run.root, cfg.run.checkpoints.get("recon"))
+            recon, recon_spec = load_recon_dependency(ckpt)
+            deps = {"recon": recon_spec}
+        else:
+            recon = recon_net_from_spec(deps["recon"])
+        check_crop_geometry(cfg, deps["recon"])
+        self.recon = freeze_(recon)
+        head = self.recon.camera_head
+        if int(m.hypotheses) < 0:
+            raise ValueError(f"model.hypotheses={m.hypotheses}: expected K >= 1, or 0 for recon's K")
+        k = int(m.hypotheses) or head.k
+        self.net = ViewpointNet(m.backbone, int(m.feat_dim), k, head.el_range, head.dist_range)
+        if fresh and bool(m.init_from_recon):
+            deps["initialised_from_recon"] = self.net.init_from(self.recon)
+        self.save_hyperparameters({"deps": deps})
+        self.deps = deps
+        self.occluders = OccluderParams(
+            int(m.occluders_min), int(m.occluders_max), float(m.occlusion_min), float(m.occlusion_max),
+            int(m.occluder_tries),
+        )
+        self.occluders.check()
+        if not 0.0 <= float(m.unoccluded_fraction) <= 1.0:
+            raise ValueError(f"model.unoccluded_fraction={m.unoccluded_fraction}: expected a share in [0, 1]")
+        self.crop_margin = float(cfg.loader.crop_margin)
+        self.el_range, self.dist_range = head.el_range, head.dist_range
+        # per instance: category, estimator az/el/dist, recon az/el/dist, true az/el/dist
+        self.val_cameras, self.test_cameras = CatMetric(), CatMetric()
+        self.val_synth, self.test_synth = MeanMetric(), MeanMetric()
+        self.val_visible_iou, self.test_visible_iou = MeanMetric(), MeanMetric()
+        self.camera_summary: dict[str, float] = {}
+        self._last: dict | None = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "recon" in self._modules:
+            self.recon.eval()  # frozen: BatchNorm keeps the checkpoint's statistics
+        return self
+
+    # -- training -------------------------------------------------------------------------------
+    def make_samples(self, batch: dict, generator: torch.Generator | None = None, verts=None) -> dict:
+        """Self-generated samples from the meshes recon predicts for this batch's crops."""
+        with torch.no_grad():
+            if verts is None:
+                verts = self.recon.encode(self.recon.inputs(batch), batch["category"])["verts"]
+            frac = float(self.m.unoccluded_fraction)
+            return synthesise(self.recon, verts, batch["category"], self.occluders, self.crop_margin, frac, generator)
+
+    def camera_losses(self, samples: dict) -> dict[str, torch.Tensor]:
+        out = self.net(samples["visible"], samples["occluded"], samples["category"])
+        err = camera_loss(out["hypotheses"], samples["camera"][:, None], self.el_range, self.dist_range)
+        best = err.argmin(dim=1)
+        losses = {"camera": err.gather(1, best[:, None]).mean()}
+        if err.shape[1] > 1:
+            losses["hypothesis"] = F.cross_entropy(out["logits"], best)
+        return losses
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        samples = self.make_samples(batch)
+        losses = self.camera_losses(samples)
+        loss = losses["camera"] + float(self.m.w_hypothesis) * losses.get("hypothesis", 0.0)
+        b = samples["camera"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=b)
+        return loss
+
+    # -- prediction -----------------------------------------------------------------------------
+    def predict_amodal(self, batch: dict) -> torch.Tensor:
+        """recon's mesh seen by the estimator's camera, fitted to the amodal box."""
+        rec = self.recon(batch)
+        camera = estimator_camera(self.recon, self.net.predict(batch), rec["verts"], batch, rec["box"])
+        place = fit_placement(rec["verts"], camera, rec["box"], self.recon.renderer.fov)
+        sil = self.recon.renderer(rec["verts"], self.recon.faces, camera, place, self.recon.crop_size)
+        self._last = {"recon": rec, "camera": camera, "sil": sil[:, None]}
+        return sil[:, None]
+
+    def predict_meshes(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.recon(batch)["verts"], self.recon.faces
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _evaluate(self, batch: dict, batch_idx: int, metric, cameras, synth, vis) -> None:
+        self.evaluate_batch(batch, metric)
+        last = self._last
+        vis.update(visible_iou(last["sil"], batch["visible"], batch["occluded"]))
+        cameras.update(torch.cat([
+            batch["category"].float()[:, None], last["camera"], last["recon"]["camera"],
+            batch["eval_camera"].float(),
+        ], dim=1))
+        g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + batch_idx)
+        samples = self.make_samples(batch, g, verts=last["recon"]["verts"])
+        synth.update(self.camera_losses(samples)["camera"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.val_metric, self.val_cameras, self.val_synth, self.val_visible_iou)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, self.test_metric, self.test_cameras, self.test_synth, self.test_visible_iou)
+
+    def _log_cameras(self, cameras, prefix: str) -> dict[str, float]:
+        rows = cameras.compute() if cameras.update_count else None
+        cameras.reset()
+        if rows is None or rows.numel() == 0:
+            return {}
+        nan = torch.full_like(rows[:, :1], float("nan"))
+        summary = {}
+        for source, cols in (("viewpoint", slice(1, 4)), ("recon", slice(4, 7))):
+            errs = camera_errors(torch.cat([rows[:, :1], rows[:, cols], rows[:, 7:10], nan], dim=1), len(CATEGORIES))
+            for k, v in errs.items():
+                name = f"az_err_{source}" if k == "az_err_aligned" else f"{k}_{source}"
+                self.log(f"{prefix}/{name}", v, sync_dist=False)
+                summary[name] = float(v)
+        return summary
+
+    def _epoch_end(self, prefix: str, cameras, synth, vis) -> dict[str, float]:
+        self.log(f"{prefix}/synth_camera_loss", synth.compute())
+        self.log(f"{prefix}/visible_iou", vis.compute())
+        synth.reset()
+        vis.reset()
+        return self._log_cameras(cameras, prefix)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        summary = self._epoch_end("val", self.val_cameras, self.val_synth, self.val_visible_iou)
+        if summary and not self.trainer.sanity_checking:
+            self.camera_summary = {"split": "val", "epoch": int(self.current_epoch), **summary}
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._epoch_end("test", self.test_cameras, self.test_synth, self.test_visible_iou)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the val camera errors of the weights being saved: what camera_source=auto compares
+        checkpoint["camera_errors"] = dict(self.camera_summary)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.camera_summary = dict(checkpoint.get("camera_errors") or {})
+
+    def configure_callbacks(self):
+        from callbacks.tensorboard_images import TensorBoardImages
+
+        return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs),
+                                  mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))]
+
+
+def read_viewpoint_checkpoint(checkpoint: str | Path) -> dict:
+    """What the render stage needs to know about a viewpoint checkpoint without building
+    it: {"checkpoint", "recon_checkpoint", "camera_errors"}."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    deps = (ck.get("hyper_parameters") or {}).get("deps") or {}
+    if "recon" not in deps:
+        raise ValueError(f"{checkpoint}: not a checkpoint of stage 'viewpoint' (no hyper_parameters.deps.recon)")
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "recon_checkpoint": deps["recon"].get("checkpoint", ""),
+        "camera_errors": dict(ck.get("camera_errors") or {}),
+    }
+
+
+STAGE = StageSpec(
+    name="viewpoint",
+    module=ViewpointStage,
+    model_schema=ViewpointModelConfig,
+    data="crops",
+    depends_on=("recon",),
+    method=None,
+    help="occlusion-robust camera estimator trained on self-generated renders of recon's meshes",
+)

@@ -1,0 +1,1 @@
+"""torchmetrics metrics of the two evaluation protocols (gt-visible amodal mIoU, detect)."""

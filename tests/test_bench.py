@@ -1,0 +1,180 @@
+"""`make bench`: the seed-table layout, method discovery, the files it writes, and the
+end-to-end table (visible floor + a trained Deocclusion run) on a tiny built dataset."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from amodal3d.bench import run as bench_run
+from amodal3d.bench.evaluate import discover_methods, named_methods
+from amodal3d.bench.table import MethodResult, csv_text, markdown_table, write_results
+from amodal3d.categories import CATEGORIES
+
+SEED_HEADER = ("| method | Airplane | Bench | Dresser | Car | Chair | Display | Lamp | Speaker | Rifle | Sofa "
+               "| Table | Phone | Vessel | mIoU |")
+
+
+def _result(name="A", per=None, miou=None, **kw):
+    per = per if per is not None else [0.5] * 13
+    miou = float(np.nanmean(per)) if miou is None else miou
+    return MethodResult(name=name, stage="s", per_category=per, per_category_occ=[0.25] * 13,
+                        miou=miou, miou_occ=0.25, iou_dataset=0.4, count=[3] * 13, **kw)
+
+
+def test_markdown_table_has_the_exact_seed_layout():
+    per = [0.249, 0.674, 0.4534, 0.5875, 0.837, 0.784, 0.779, 0.152, 0.487, 0.481, 0.395, 0.238, 0.719]
+    rows = [_result("Deocclusion", per, miou=0.5224), MethodResult(name="A3D", stage="refine", status="not trained")]
+    lines = markdown_table(rows).splitlines()
+    assert lines[0] == SEED_HEADER
+    assert lines[1] == "|" + "---|" * 15
+    assert lines[2] == ("| Deocclusion | 24.9 | 67.4 | 45.3 | 58.8 | 83.7 | 78.4 | 77.9 | 15.2 | 48.7 | 48.1 "
+                        "| 39.5 | 23.8 | 71.9 | 52.2 |")
+    assert lines[3].startswith("| A3D (not trained) | — |") and lines[3].count("—") == 14
+    occ = markdown_table(rows, occluded=True).splitlines()
+    assert occ[0].endswith("| Vessel | mIoU_occ |") and "| 25.0 |" in occ[2]
+
+
+def test_absent_category_is_a_dash_not_zero():
+    per = [math.nan] * 13
+    per[CATEGORIES.index("chair")] = 0.8
+    per[CATEGORIES.index("car")] = 0.6
+    line = markdown_table([_result("X", per)]).splitlines()[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1 + CATEGORIES.index("chair")] == "80.0" and cells[1 + CATEGORIES.index("car")] == "60.0"
+    assert cells.count("—") == 11 and cells[-1] == "70.0"
+
+
+def test_csv_and_tensorboard_outputs(tmp_path):
+    rows = [_result("visible"), MethodResult(name="Deocclusion", stage="pcnet_m", status="not trained")]
+    paths = write_results(tmp_path, rows, {"command": "python -m amodal3d bench table"})
+    table = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert [r["method"] for r in table] == ["visible", "Deocclusion"]
+    assert table[0]["Airplane"] == "50.000" and table[0]["mIoU_occ"] == "25.000" and table[0]["instances"] == "39"
+    assert table[1]["status"] == "not trained" and table[1]["mIoU"] == ""
+    md = paths["markdown"].read_text()
+    assert SEED_HEADER in md and "make train STAGE=pcnet_m" in md and "python -m amodal3d bench table" in md
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(paths["tensorboard"]), size_guidance={"tensors": 0})
+    ea.Reload()
+    assert any(t.startswith("bench/results") for t in ea.Tags()["tensors"])
+    assert csv_text([]).startswith("method,stage,status,checkpoint,Airplane")
+
+
+def _fake_run(root: Path, stage: str, run_id: str) -> Path:
+    run = root / "default" / stage / run_id
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml({"stage": stage}))
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+    return run
+
+
+def test_discovery_lists_untrained_methods_and_picks_the_latest_run(tmp_path):
+    entries = {e.stage: e for e in discover_methods("default", str(tmp_path))}
+    assert entries["pcnet_m"].status == "not trained" and entries["pcnet_m"].name == "Deocclusion"
+    old = _fake_run(tmp_path, "pcnet_m", "20240101-000000")
+    time.sleep(0.01)
+    new = _fake_run(tmp_path, "pcnet_m", "20240102-000000")
+    import os
+
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    entries = {e.stage: e for e in discover_methods("default", str(tmp_path))}
+    assert entries["pcnet_m"].status == "ok"
+    assert entries["pcnet_m"].checkpoint == new / "checkpoints" / "best.ckpt"
+    named = named_methods([str(old)])
+    assert named[0].stage == "pcnet_m" and named[0].checkpoint == old / "checkpoints" / "best.ckpt"
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        named_methods([str(tmp_path / "nope")])
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny built dataset and a short pcnet_m run on it."""
+    from test_pcnet_m import build_fake_dataset, require_crops, tiny_config
+
+    require_crops()
+    from amodal3d.train import train
+
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = tiny_config(tmp, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                      "trainer.enable_progress_bar=false")
+    build_fake_dataset(cfg)
+    summary = train(cfg)
+    args = ["--debug", "tiny", "--device", "cpu", f"data.root={tmp / 'data'}", f"run.root={tmp / 'runs'}",
+            "data.views=4", "data.objects_per_split.train=2", "data.objects_per_split.val=1",
+            "data.objects_per_split.test=1", "loader.num_workers=0"]
+    return tmp, cfg, summary, args
+
+
+def _floor_reference(cfg):
+    """gt-visible IoU of the visible mask (the crop's, pasted back to the image frame like
+    every method's prediction), scored by the independent numpy reference."""
+    from datamodules.crops import CropDataset, paste_crop_to_image
+    from test_metrics import reference
+
+    ds = CropDataset(cfg.data.root, "test", crop_size=cfg.loader.crop_size, crop_margin=cfg.loader.crop_margin)
+    items = [ds[i] for i in range(len(ds))]
+    h, w = items[0]["image_visible"].shape[-2:]
+    vis = np.stack([
+        paste_crop_to_image(it["visible"][None], it["crop_box"][None], h, w)[0, 0].numpy() > 0.5 for it in items
+    ])
+    amo = np.stack([it["eval_image_amodal"][0].numpy() > 0.5 for it in items])
+    cat = np.array([int(it["category"]) for it in items])
+    image_vis = np.stack([it["image_visible"][0].numpy() > 0.5 for it in items])
+    return reference(vis, amo, image_vis, cat)
+
+
+def test_bench_table_end_to_end(trained, capsys):
+    tmp, cfg, summary, args = trained
+    out = tmp / "bench_out"
+    assert bench_run.main(["table", "--out", str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    assert SEED_HEADER in printed
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "results.csv").read_text()))}
+    assert rows["Deocclusion"]["status"] == "ok" and rows["Deocclusion"]["mIoU"] != ""
+    assert Path(summary["best_checkpoint"]).name in rows["Deocclusion"]["checkpoint"]
+    ref = _floor_reference(cfg)
+    assert float(rows["visible"]["mIoU"]) == pytest.approx(100 * ref["miou"], abs=1e-3)
+    assert float(rows["visible"]["mIoU_occ"]) == pytest.approx(100 * ref["miou_occ"], abs=1e-3)
+    assert float(rows["visible"]["mIoU_occ"]) < 5  # it predicts (almost) no hidden pixel
+    assert float(rows["visible"]["Chair"]) == pytest.approx(100 * ref["per_category"][CATEGORIES.index("chair")], abs=1e-3)
+    assert rows["visible"]["Airplane"] == ""  # absent from the tiny test split: not a 0
+    md_lines = (out / "results.md").read_text().splitlines()
+    row = next(ln for ln in md_lines if ln.startswith("| Deocclusion |"))
+    assert len(row.strip("|").split("|")) == 15
+    assert (out / "tb").is_dir()
+
+
+def test_bench_speed_and_all_record_failures(trained, monkeypatch, capsys):
+    tmp, cfg, summary, args = trained
+    out = tmp / "bench_all"
+    from amodal3d.bench import speed
+
+    monkeypatch.setattr(speed, "run_loader_bench",
+                        lambda cfg: ({"workers_0": 123.0}, "| loader | crops/s |\n|---|---|\n| workers 0 | 123 |"))
+
+    def broken_raster(device):
+        raise RuntimeError("no rasteriser here")
+
+    monkeypatch.setattr(speed, "run_raster_bench", broken_raster)
+    rc = bench_run.main(["all", "--out", str(out), "--speed-batches", "1", *args])
+    assert rc == 1  # one part failed: reported, not hidden
+    text = (out / "bench.md").read_text()
+    assert SEED_HEADER in text and "| workers 0 | 123 |" in text
+    assert "raster: RuntimeError('no rasteriser here')" in text
+    speed_md = (out / "speed.md").read_text()
+    row = next(ln for ln in speed_md.splitlines() if ln.startswith("| Deocclusion |"))
+    assert float(row.split("|")[2]) > 0
+    assert "command: `python -m amodal3d bench all --out" in speed_md and "device: `cpu`" in speed_md

@@ -1,0 +1,152 @@
+"""Inference on files: a round trip through `amodal3d predict` on PNG/JPEG images with
+per-instance mask PNGs and on a COCO JSON, written by the test; bad inputs are
+reported by name while the others are processed; crops match the DataModule's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from amodal3d.cli import main
+from amodal3d.config import load_config
+from amodal3d.predict import make_crops, occluder_masks, predict_files, predict_throughput
+from fakes import build_fake_dataset
+from lightning_modules.refine import RefineStage
+from lightning_modules.refine_2d import Refine2DStage
+from test_refine import RECON_SMALL, SMALL, data_ov, write_run
+
+H, W = 48, 64
+
+
+def _disc(cy, cx, r) -> np.ndarray:
+    yy, xx = np.mgrid[0:H, 0:W] + 0.5
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Runs with a recon and a refine checkpoint (Ours), a refine_2d checkpoint, and inputs."""
+    from lightning_modules.recon import ReconStage
+
+    tmp = tmp_path_factory.mktemp("predict")
+    build_fake_dataset(tmp)
+    torch.manual_seed(0)
+    runs = tmp / "runs"
+    write_run(ReconStage(load_config("recon", overrides=data_ov(tmp) + RECON_SMALL)), runs, "recon")
+    write_run(RefineStage(load_config("refine", overrides=data_ov(tmp) + SMALL)), runs, "refine")
+    ckpt_2d = write_run(Refine2DStage(load_config("refine_2d", overrides=data_ov(tmp) + SMALL)), runs, "refine_2d")
+
+    rng = np.random.default_rng(0)
+    inp = tmp / "in"
+    img = (rng.random((H, W, 3)) * 255).astype(np.uint8)
+    chair, car = _disc(24, 22, 12), _disc(26, 40, 10)
+    chair_vis = chair & ~car  # the car is in front of the chair
+    _png(inp / "a.png", img)
+    _png(inp / "a" / "chair_0.png", chair_vis.astype(np.uint8) * 255)
+    _png(inp / "a" / "car_1.png", car.astype(np.uint8) * 255)
+    _png(inp / "a" / "sofa_bad.png", np.zeros((32, 32), np.uint8))  # wrong size
+    _png(inp / "a" / "unicorn_2.png", car.astype(np.uint8) * 255)  # unknown category
+    Image.fromarray(img).save(inp / "b.jpg", quality=95)
+    _png(inp / "b" / "04379243_top.png", _disc(20, 30, 8).astype(np.uint8) * 255)  # table, by synset id
+    _png(inp / "c.png", img)  # no mask folder
+
+    rle = mask_utils.encode(np.asfortranarray(chair_vis.astype(np.uint8)))
+    coco = {
+        "images": [{"id": 10, "file_name": "a.png", "height": H, "width": W},
+                   {"id": 11, "file_name": "missing.png", "height": H, "width": W}],
+        "categories": [{"id": 5, "name": "Chair"}, {"id": 6, "name": "spaceship"}],
+        "annotations": [
+            {"id": 100, "image_id": 10, "category_id": 5,
+             "segmentation": {"size": [H, W], "counts": rle["counts"].decode()}, "amodal_bbox": [10, 12, 24, 24]},
+            {"id": 101, "image_id": 10, "category_id": 6,
+             "segmentation": {"size": [H, W], "counts": rle["counts"].decode()}},
+            {"id": 102, "image_id": 11, "category_id": 5, "segmentation": [[30, 10, 50, 10, 50, 30, 30, 30]]},
+            {"id": 103, "image_id": 10, "category_id": 5, "segmentation": [[44, 20, 60, 20, 60, 40, 44, 40]]},
+        ],
+    }
+    (inp / "coco.json").write_text(json.dumps(coco))
+    return {"tmp": tmp, "runs": runs, "inp": inp, "ckpt_2d": ckpt_2d, "chair_vis": chair_vis, "car": car}
+
+
+def _decode(ann: dict) -> np.ndarray:
+    seg = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
+    return mask_utils.decode(seg).astype(bool)
+
+
+def test_round_trip_on_folders_with_bad_inputs_reported(setup, tmp_path, capsys):
+    out = tmp_path / "out"
+    inp = setup["inp"]
+    rc = main(["predict", "--input", str(inp / "a.png"), str(inp / "b.jpg"), str(inp / "c.png"),
+               "--out", str(out), "--runs", str(setup["runs"])])
+    assert rc == 1  # some inputs were skipped...
+    doc = json.loads((out / "amodal.json").read_text())
+    assert Path(doc["info"]["checkpoint"]).parts[-4:-2] == ("refine", "r1")  # Ours = the refine run
+    names = sorted(a["mask_file"] for a in doc["annotations"])
+    assert names == ["masks/a/car_1.png", "masks/a/chair_0.png", "masks/b/04379243_top.png"]  # ...the rest was not
+    errors = {Path(e["input"]).name: e["error"] for e in doc["errors"]}
+    assert set(errors) == {"sofa_bad.png", "unicorn_2.png", "c.png"}
+    assert "32x32" in errors["sofa_bad.png"] and f"{H}x{W}" in errors["sofa_bad.png"]
+    assert "unknown category 'unicorn'" in errors["unicorn_2.png"] and "mask folder" in errors["c.png"]
+    assert "sofa_bad.png" in capsys.readouterr().err
+    by_file = {a["mask_file"]: a for a in doc["annotations"]}
+    visible = {"masks/a/chair_0.png": setup["chair_vis"], "masks/a/car_1.png": setup["car"]}
+    for rel, ann in by_file.items():
+        png = np.asarray(Image.open(out / rel)) > 127
+        assert png.shape == (H, W) and np.array_equal(png, _decode(ann))  # the RLE is the PNG
+        assert ann["area"] == int(png.sum()) and ann["image_id"] in {i["id"] for i in doc["images"]}
+        if rel in visible:
+            assert not (visible[rel] & ~png).any()  # visible ⊆ amodal
+    assert by_file["masks/b/04379243_top.png"]["category"] == "table"
+    assert by_file["masks/a/car_1.png"]["category_id"] == 4  # our ids: CATEGORIES index + 1
+    for key in ("a", "b"):
+        ov = np.asarray(Image.open(out / "overlays" / f"{key}.png"))
+        assert ov.shape[2] == 3 and ov.shape[1] >= 256  # enlarged to be seen
+    assert not (out / "overlays" / "c.png").exists()
+
+
+def test_coco_input_with_a_given_checkpoint(setup, tmp_path):
+    out = tmp_path / "out"
+    rep = predict_files(setup["inp"] / "coco.json", out, checkpoint=setup["ckpt_2d"])
+    assert rep.checkpoint == str(setup["ckpt_2d"]) and rep.instances == 2 and rep.instances_per_s > 0
+    doc = json.loads((out / "amodal.json").read_text())
+    assert {a["id"] for a in doc["annotations"]} == {100, 103}
+    assert all(a["category_id"] == 5 for a in doc["annotations"])  # the input's ids are kept
+    assert [c["id"] for c in doc["categories"]] == [5, 6] and [i["id"] for i in doc["images"]] == [10]
+    errs = " | ".join(f"{e['input']}: {e['error']}" for e in doc["errors"])
+    assert "annotation 101" in errs and "spaceship" in errs and "missing.png" in errs
+    ann = {a["id"]: a for a in doc["annotations"]}
+    assert not (setup["chair_vis"] & ~_decode(ann[100])).any()
+
+
+def test_crops_are_the_datamodules():
+    from datamodules.crops import _CropSampler, crop_arrays, square_crop_box
+
+    rng = np.random.default_rng(1)
+    img = (rng.random((H, W, 3)) * 255).astype(np.uint8)
+    vis = np.stack([_disc(20, 20, 9), _disc(30, 44, 7)])
+    occ = occluder_masks(vis, "others")
+    assert np.array_equal(occ[0], vis[1]) and np.array_equal(occluder_masks(vis, "unknown"), ~vis)
+    boxes = np.array([[11, 11, 29, 29], [37, 23, 51, 37]], np.float32)
+    crops = make_crops(img, vis, occ, boxes, 32, 1.15)
+    sampler = _CropSampler(32, H, W)
+    for i in range(2):
+        rgb, (v, o) = crop_arrays(img, [vis[i], occ[i]], square_crop_box(boxes[i], 1.15), sampler)
+        assert np.allclose(crops["rgb"][i].numpy(), rgb, atol=1e-5)
+        assert np.array_equal(crops["visible"][i].numpy(), v) and np.array_equal(crops["occluded"][i].numpy(), o)
+
+
+def test_throughput_helper_on_a_built_dataset(setup):
+    module = Refine2DStage.load_from_checkpoint(str(setup["ckpt_2d"]))
+    res = predict_throughput(module, setup["tmp"] / "data", "test", max_images=3, batch_size=4)
+    assert res["instances"] == res["exported_instances"] == 3 and res["instances_per_s"] > 0 and res["errors"] == 0
