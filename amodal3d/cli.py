@@ -103,7 +103,8 @@ def _cmd_slurm(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from amodal3d.bench.run import main as bench_main
 
-    return bench_main(args.rest)
+    rest = list(args.rest)
+    return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # bench has its own parser (parts, --help): hand it everything
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

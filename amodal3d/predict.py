@@ -322,7 +322,7 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
+def mask_outline(mask: np.ndarray) -> np.ndarray:
     inner = mask.copy()
     inner[1:] &= mask[:-1]
     inner[:-1] &= mask[1:]
@@ -349,7 +349,7 @@ def overlay_image(
         hidden = a & ~v
         out[hidden] = 0.75 * out[hidden] + 0.25 * c
         out[hidden & hatch] = c
-        out[_outline(a)] = c
+        out[mask_outline(a)] = c
     return out.clip(0, 255).astype(np.uint8)
 
 

@@ -54,13 +54,17 @@ class AmodalStage(L.LightningModule, ABC):
     def predict_amodal(self, batch: dict) -> torch.Tensor:
         """(B,1,S,S) amodal-mask probabilities in the crop frame of `batch`."""
 
-    def evaluate_batch(self, batch: dict, metric) -> torch.Tensor:
-        """Score one batch under the gt-visible protocol, in the image frame."""
+    def image_prediction(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop-frame, image-frame) amodal probabilities: what every evaluation scores."""
         from datamodules.crops import paste_crop_to_image
 
-        prob = self.predict_amodal(batch)
+        prob = self.predict_amodal(batch).float()
         h, w = batch["image_visible"].shape[-2:]
-        image_prob = paste_crop_to_image(prob.float(), batch["crop_box"], h, w)
+        return prob, paste_crop_to_image(prob, batch["crop_box"], h, w)
+
+    def evaluate_batch(self, batch: dict, metric) -> torch.Tensor:
+        """Score one batch under the gt-visible protocol, in the image frame."""
+        _, image_prob = self.image_prediction(batch)
         metric.update(
             image_prob > 0.5,
             batch["eval_image_amodal"] > 0.5,

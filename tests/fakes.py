@@ -48,3 +48,27 @@ def build_fake_dataset(tmp_path: Path) -> None:
 
     cfg = load_config(None, debug="tiny", overrides=tiny_overrides(tmp_path))
     build_dataset(cfg.data, progress=False, load_objects=fake_objects)
+
+
+class LabelGuard(dict):
+    """A batch whose evaluation-only entries (`eval_*`, the hidden ground truth) raise
+    when read, except the `allowed` keys (a supervised stage's amodal target): the
+    proof that a training step does not see them. Iterating over every entry raises too."""
+
+    def __init__(self, data, allowed=()):
+        super().__init__(data)
+        self.allowed = set(allowed)
+
+    def __getitem__(self, key):
+        if str(key).startswith("eval_") and key not in self.allowed:
+            raise AssertionError(f"the training step read the evaluation-only key {key!r}")
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        raise AssertionError("the training step iterated over every batch entry")
+
+    def values(self):
+        raise AssertionError("the training step iterated over every batch entry")

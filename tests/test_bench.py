@@ -79,8 +79,11 @@ def _fake_run(root: Path, stage: str, run_id: str) -> Path:
 
 
 def test_discovery_lists_untrained_methods_and_picks_the_latest_run(tmp_path):
-    entries = {e.stage: e for e in discover_methods("default", str(tmp_path))}
+    found = discover_methods("default", str(tmp_path))
+    entries = {e.stage: e for e in found}
     assert entries["pcnet_m"].status == "not trained" and entries["pcnet_m"].name == "Deocclusion"
+    by_name = {e.name: e for e in found}  # rows a stage adds through StageSpec.extra["bench_rows"]
+    assert by_name["Ours"].status == "not trained" and by_name["2D-only (no 3D prior)"].status == "not trained"
     old = _fake_run(tmp_path, "pcnet_m", "20240101-000000")
     time.sleep(0.01)
     new = _fake_run(tmp_path, "pcnet_m", "20240102-000000")
@@ -102,9 +105,8 @@ def test_discovery_lists_untrained_methods_and_picks_the_latest_run(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny built dataset and a short pcnet_m run on it."""
-    from test_pcnet_m import build_fake_dataset, require_crops, tiny_config
+    from test_pcnet_m import build_fake_dataset, tiny_config
 
-    require_crops()
     from amodal3d.train import train
 
     tmp = tmp_path_factory.mktemp("bench")
@@ -178,3 +180,36 @@ def test_bench_speed_and_all_record_failures(trained, monkeypatch, capsys):
     row = next(ln for ln in speed_md.splitlines() if ln.startswith("| Deocclusion |"))
     assert float(row.split("|")[2]) > 0
     assert "command: `python -m amodal3d bench all --out" in speed_md and "device: `cpu`" in speed_md
+    assert "`predict` with the Ours model: not trained" in speed_md
+
+
+def test_cli_hands_bench_its_own_help(capsys):
+    from amodal3d.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0 and "--speed-batches" in capsys.readouterr().out
+
+
+def test_hardest_cases_are_the_lowest_iou_instances_per_category(trained):
+    from amodal3d.bench.evaluate import eval_loader, floor_module
+    from amodal3d.bench.hardest import hardest_instances, hardest_sheet
+    from datamodules.crops import CropDataset, paste_crop_to_image
+
+    tmp, cfg, summary, args = trained
+    cases = hardest_instances(floor_module(cfg, torch.device("cpu")), eval_loader(cfg), torch.device("cpu"), 2)
+    ds = CropDataset(cfg.data.root, "test", crop_size=cfg.loader.crop_size, crop_margin=cfg.loader.crop_margin)
+    expected: dict[str, list[float]] = {}
+    for it in (ds[i] for i in range(len(ds))):
+        h, w = it["image_visible"].shape[-2:]
+        pred = paste_crop_to_image(it["visible"][None], it["crop_box"][None], h, w)[0, 0].numpy() > 0.5
+        gt = it["eval_image_amodal"][0].numpy() > 0.5
+        expected.setdefault(CATEGORIES[int(it["category"])], []).append((pred & gt).sum() / max((pred | gt).sum(), 1))
+    assert set(cases) == set(expected)
+    for cat, items in cases.items():
+        assert [c["iou"] for c in items] == pytest.approx(sorted(expected[cat])[:2], abs=1e-9)
+    png = hardest_sheet(cases, tmp / "hardest.png", "visible")
+    assert png.stat().st_size > 0
+    out = tmp / "bench_hardest"
+    assert bench_run.main(["hardest", "--hardest-method", "Deocclusion", "--out", str(out), *args]) == 0
+    assert (out / "hardest.png").is_file() and "| chair |" in (out / "hardest.md").read_text()

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from amodal3d.config import load_config
-from fakes import build_fake_dataset
+from fakes import LabelGuard, build_fake_dataset
 from lightning_modules.joint import JointStage
 from lightning_modules.refine import ReconShapePrior, RefineStage, load_stage_module, ours_checkpoint
-from test_refine import RECON_SMALL, SMALL, LabelGuard, data_ov, write_run
+from test_refine import RECON_SMALL, SMALL, data_ov, write_run
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,14 @@ the eraser protocol, inference at the known occluder, and the real runner."""
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from amodal3d.config import ConfigError, load_config
+from fakes import LabelGuard, fake_objects, tiny_overrides
 from lightning_modules.baselines.pcnet_m import STAGE, PCNetMModule
 from lightning_modules.registry import get_stage
 from models.unet import UNet
@@ -20,37 +19,8 @@ from models.unet import UNet
 # ---------------------------------------------------------------- shared tiny dataset helpers
 
 
-def fake_objects(data_cfg, category: str, split: str):
-    """ObjectRenders of ellipses (a stand-in source: fast, deterministic, no renderer)."""
-    from datamodules.sources.base import ObjectRenders, nmr_cameras
-
-    n, v, s = int(data_cfg.objects_per_split[split]), int(data_cfg.views), int(data_cfg.render_size)
-    rng = np.random.default_rng(zlib.crc32(f"{category}/{split}".encode()))
-    yy, xx = np.mgrid[0:s, 0:s] + 0.5
-    rgba = np.zeros((n, v, s, s, 4), np.uint8)
-    for o in range(n):
-        ry, rx = rng.uniform(0.2, 0.4, 2) * s
-        color = rng.integers(40, 255, 3)
-        for k in range(v):
-            rxk = rx * (0.6 + 0.4 * abs(np.cos(2 * np.pi * k / v)))
-            m = ((yy - s / 2) / ry) ** 2 + ((xx - s / 2) / rxk) ** 2 <= 1
-            rgba[o, k][m] = [*color, 255]
-    cams = np.broadcast_to(nmr_cameras(v), (n, v, 3)).copy()
-    return ObjectRenders(category, split, [f"{category}-{split}-{i}" for i in range(n)], rgba, cams)
-
-
 def tiny_config(tmp_path: Path, *extra: str, stage: str = "pcnet_m", debug: str = "tiny"):
-    return load_config(stage, debug=debug, overrides=[
-        f"data.root={tmp_path / 'data'}", f"run.root={tmp_path / 'runs'}", "data.views=4",
-        "data.objects_per_split.train=2", "data.objects_per_split.val=1", "data.objects_per_split.test=1",
-        "loader.num_workers=0", "model.base_channels=4", "model.depth=2", *extra,
-    ])
-
-
-def require_crops() -> None:
-    """Skip only while the crop DataModule file does not exist; once it does, errors fail."""
-    if not (Path(__file__).resolve().parent.parent / "datamodules" / "crops.py").is_file():
-        pytest.skip("datamodules/crops.py is not there yet")
+    return load_config(stage, debug=debug, overrides=tiny_overrides(tmp_path, "model.base_channels=4", "model.depth=2", *extra))
 
 
 def build_fake_dataset(cfg) -> dict:
@@ -63,18 +33,6 @@ def build_fake_dataset(cfg) -> dict:
 # ---------------------------------------------------------------- unit tests
 
 
-class NoEvalBatch(dict):
-    """A batch whose evaluation-only keys raise when read."""
-
-    def __getitem__(self, key):
-        if str(key).startswith("eval_"):
-            raise AssertionError(f"training read the evaluation-only key {key!r}")
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        if str(key).startswith("eval_"):
-            raise AssertionError(f"training read the evaluation-only key {key!r}")
-        return super().get(key, default)
 
 
 def disk_batch(b: int, s: int = 32, seed: int = 0) -> dict:
@@ -120,7 +78,7 @@ def test_unet_keeps_any_input_size():
 def test_training_step_reads_no_evaluation_key():
     m = small_module()
     b = disk_batch(6)
-    batch = NoEvalBatch({k: v for k, v in b.items()})  # eval_amodal present, but raises on access
+    batch = LabelGuard({k: v for k, v in b.items()})  # eval_amodal present, but raises on access
     loss = m.training_step(batch, 0)
     assert torch.isfinite(loss)
     loss.backward()
@@ -216,7 +174,6 @@ def test_self_supervised_training_beats_the_visible_floor():
 
 def test_short_run_checkpoint_reloads_for_the_bench(tmp_path):
     """`make train STAGE=pcnet_m` path on a tiny built dataset: checkpoint, reload, same outputs."""
-    require_crops()
     from amodal3d.train import train
     from datamodules.crops import CropDataModule
 

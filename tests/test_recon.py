@@ -7,13 +7,17 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from fakes import LabelGuard
 from amodal3d.config import load_config
 from lightning_modules.recon import (
     ReconNet,
     ReconStage,
+    TrueMeshes,
     camera_errors,
     load_recon,
     view_frame_chamfer,
@@ -84,22 +88,6 @@ def synthetic_batch(objects: int = 2, views: int = 2, seed: int = 0) -> dict[str
     return {k: torch.stack(v) for k, v in rows.items()}
 
 
-class LabelGuard(dict):
-    """A batch whose hidden ground truth raises when read."""
-
-    def __getitem__(self, key):
-        if str(key).startswith("eval_"):
-            raise AssertionError(f"the training step read the evaluation-only key {key!r}")
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def values(self):
-        raise AssertionError("the training step iterated over every batch entry")
-
-    def items(self):
-        raise AssertionError("the training step iterated over every batch entry")
 
 
 # -- models -------------------------------------------------------------------------------
@@ -348,3 +336,18 @@ def test_short_run_checkpoints_logs_pictures_and_reloads(tiny_root, tmp_path):
     with torch.no_grad():
         sil = net.silhouette(synthetic_batch(objects=1, views=2))
     assert sil.shape == (2, 1, S, S)
+
+
+def test_mesh_sheet_shows_every_category_with_its_true_mesh(tiny_root, tmp_path):
+    from amodal3d.bench.evaluate import eval_loader
+    from amodal3d.bench.meshes import collect_reconstructions, mesh_sheet
+
+    cfg = load_config("recon", overrides=_tiny_overrides(tmp_path, tiny_root))
+    stage = ReconStage(cfg)
+    cases = collect_reconstructions(stage, eval_loader(cfg), torch.device("cpu"), per_category=1)
+    assert sorted(cases) == ["car", "chair"] and all(len(v) == 1 for v in cases.values())
+    assert cases["car"][0]["verts"].shape == (stage.net.decoder.num_verts, 3)
+    png = mesh_sheet(cases, TrueMeshes(tiny_root), tmp_path / "meshes.png", size=48)
+    sheet = np.asarray(Image.open(png).convert("L"))
+    true_tile = sheet[18:18 + 48, 84 + 4 * 50: 84 + 4 * 50 + 48]  # row 1, the fifth tile: the true mesh
+    assert (true_tile < 200).mean() > 0.05  # the true object is drawn, not a blank tile

@@ -30,7 +30,7 @@ from lightning_modules.refine import (
 )
 from lightning_modules.refine_2d import Refine2DStage
 from models.refine_net import RefineNet, loss_regions, region_losses, soft_edges
-from fakes import build_fake_dataset, tiny_overrides
+from fakes import LabelGuard, build_fake_dataset, tiny_overrides
 
 S = 32
 SMALL = ["model.base_channels=4", "model.depth=2", "model.prior_render_size=16", "loader.batch_size=8"]
@@ -58,26 +58,6 @@ class BlurPrior(torch.nn.Module):
         return torch.zeros(batch["visible"].shape[0], 3)
 
 
-class LabelGuard(dict):
-    """A batch whose hidden ground truth raises when read, except the allowed keys."""
-
-    def __init__(self, data, allowed=()):
-        super().__init__(data)
-        self.allowed = set(allowed)
-
-    def __getitem__(self, key):
-        if str(key).startswith("eval_") and key not in self.allowed:
-            raise AssertionError(f"the training step read the evaluation-only key {key!r}")
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def items(self):
-        raise AssertionError("the training step iterated over every batch entry")
-
-    def values(self):
-        raise AssertionError("the training step iterated over every batch entry")
 
 
 def crop_batch(b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

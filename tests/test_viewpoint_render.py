@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 
+from fakes import LabelGuard
 from amodal3d.config import load_config, save_config
 from lightning_modules.recon import ReconStage
 from lightning_modules.render import (
@@ -39,22 +40,6 @@ SMALL_MODEL = {
 }
 
 
-class LabelGuard(dict):
-    """A batch whose hidden ground truth raises when read."""
-
-    def __getitem__(self, key):
-        if str(key).startswith("eval_"):
-            raise AssertionError(f"the training step read the evaluation-only key {key!r}")
-        return super().__getitem__(key)
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def values(self):
-        raise AssertionError("the training step iterated over every batch entry")
-
-    def items(self):
-        raise AssertionError("the training step iterated over every batch entry")
 
 
 def _ellipses(b: int = 6) -> torch.Tensor:

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -34,12 +35,17 @@ class VisibleFloor(AmodalStage):
 
 @dataclass
 class MethodEntry:
-    """A row to evaluate: a registered method's stage and its checkpoint (or why not)."""
+    """A row to evaluate: a registered method's stage and its checkpoint (or why not).
+
+    load(cfg, device): how to build the module when the row is not simply the
+    stage's checkpoint (rows a stage contributes through StageSpec.extra["bench_rows"]).
+    """
 
     name: str
     stage: str | None
     checkpoint: Path | None = None
     status: str = "ok"
+    load: Callable | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,10 +102,12 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
             continue
         try:
             ckpt = find_stage_checkpoint(stage, experiment, root)
+            out.append(MethodEntry(name=spec.method, stage=stage, checkpoint=ckpt))
         except FileNotFoundError:
             out.append(MethodEntry(name=spec.method, stage=stage, status=NOT_TRAINED))
-            continue
-        out.append(MethodEntry(name=spec.method, stage=stage, checkpoint=ckpt))
+        for row in spec.extra.get("bench_rows", lambda *_: [])(experiment, root):
+            out.append(MethodEntry(name=row.name, stage=row.stage, checkpoint=row.checkpoint,
+                                   status=row.status, load=row.load))
     seen: dict[str, int] = {}
     for e in out:  # two stages reporting the same method name get told apart
         seen[e.name] = seen.get(e.name, 0) + 1
@@ -109,12 +117,16 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
     return out
 
 
-def load_method(entry: MethodEntry, device: torch.device) -> AmodalStage:
-    """The stage module of `entry` restored from its checkpoint, in eval mode on `device`."""
+def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None = None) -> AmodalStage:
+    """The stage module of `entry` restored from its checkpoint (or built by its own
+    `load`), in eval mode on `device`."""
     from lightning_modules.registry import get_stage
 
-    spec = get_stage(entry.stage)
-    module = spec.module.load_from_checkpoint(str(entry.checkpoint), map_location=device)
+    if entry.load is not None:
+        module = entry.load(cfg, device)
+    else:
+        spec = get_stage(entry.stage)
+        module = spec.module.load_from_checkpoint(str(entry.checkpoint), map_location=device)
     if not isinstance(module, AmodalStage):
         raise TypeError(f"stage {entry.stage!r}: {type(module).__name__} is not an AmodalStage, "
                         "it cannot be scored under the gt-visible protocol")
@@ -167,21 +179,19 @@ def evaluate_all(
     """The table's rows: the `visible` floor first, then every entry (evaluated or marked)."""
     loader = eval_loader(cfg)
     rows: list[MethodResult] = []
-    todo: list[tuple[str, str | None, Path | None]] = []
+    todo: list[MethodEntry] = []
     if with_floor:
-        todo.append((FLOOR, None, None))
+        todo.append(MethodEntry(FLOOR, None))
     for e in entries:
         if e.status != "ok":
             rows.append(MethodResult(name=e.name, stage=e.stage, status=e.status))
             continue
-        todo.append((e.name, e.stage, e.checkpoint))
+        todo.append(e)
     evaluated = []
-    for name, stage, ckpt in todo:
+    for e in todo:
+        name, stage, ckpt = e.name, e.stage, e.checkpoint
         try:
-            if stage is None:
-                module = floor_module(cfg, device)
-            else:
-                module = load_method(MethodEntry(name, stage, ckpt), device)
+            module = floor_module(cfg, device) if stage is None else load_method(e, device, cfg)
             res = evaluate_module(module, loader, device, max_batches)
         except Exception as err:
             print(f"[bench] {name}: evaluation failed: {err!r}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`python -m amodal3d bench [table|speed|loader|raster|all] [options] [key=value ...]`.
+"""`python -m amodal3d bench [table|speed|loader|raster|hardest|meshes|all] [options] [key=value ...]`.
 
 Each part runs alone or all together (`make bench`); each writes its markdown
 (and CSV/JSON) under --out (default bench/) and a TensorBoard text summary
@@ -18,7 +18,7 @@ from pathlib import Path
 from amodal3d.config import REPO_ROOT, load_config
 from amodal3d.runs import write_json_atomic
 
-PARTS = ("table", "speed", "loader", "raster", "all")
+PARTS = ("table", "speed", "loader", "raster", "hardest", "meshes", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="bench", help="output folder (relative to the repo root)")
     ap.add_argument("--limit-batches", type=int, default=None, help="score only this many test batches (smoke runs)")
     ap.add_argument("--speed-batches", type=int, default=20, help="test batches timed per method")
+    ap.add_argument("--hardest-method", default="Ours", help="table row whose hardest cases the hardest part draws")
+    ap.add_argument("--hardest-per-category", type=int, default=3, help="cases per category in bench/hardest.png")
+    ap.add_argument("--predict-images", type=int, default=64, help="test images `predict` runs on in the speed part")
     ap.add_argument("overrides", nargs="*", help="config dot-overrides, e.g. data.root=data/other loader.batch_size=64")
     return ap
 
@@ -81,7 +84,9 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
 
 def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
-    from amodal3d.bench.speed import collect_batches, measure_inference, methods_markdown, section_markdown
+    from amodal3d.bench.speed import (
+        collect_batches, measure_inference, methods_markdown, predict_markdown, section_markdown,
+    )
     from amodal3d.bench.table import write_atomic, write_tensorboard_text
 
     batches = collect_batches(eval_loader(cfg), device, args.speed_batches)
@@ -91,20 +96,36 @@ def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
             rows.append({"method": e.name, "stage": e.stage, "status": e.status})
             continue
         try:
-            res = measure_inference(load_method(e, device), batches, device)
+            res = measure_inference(load_method(e, device, cfg), batches, device)
         except Exception as err:
             print(f"[bench] {e.name}: speed measurement failed: {err!r}", file=sys.stderr)
             rows.append({"method": e.name, "stage": e.stage, "status": f"error: {err!r}"})
             continue
         rows.append({"method": e.name, "stage": e.stage, "status": "ok", **res})
         print(f"[bench] {e.name}: {res['instances_per_s']:.1f} instances/s", flush=True)
-    md = section_markdown("Inference speed (predict_amodal on test batches already on the device)",
-                          methods_markdown(rows), meta)
+    predict = _predict_throughput(args, cfg, device)
+    body = methods_markdown(rows) + "\n\n" + predict_markdown(predict)
+    md = section_markdown("Inference speed (predict_amodal on test batches already on the device)", body, meta)
     write_atomic(out / "speed.md", md)
-    write_json_atomic(out / "speed.json", {"meta": meta, "methods": rows})
+    write_json_atomic(out / "speed.json", {"meta": meta, "methods": rows, "predict": predict})
     write_tensorboard_text(out / "tb", "bench/speed", md)
     print(md, flush=True)
     return md
+
+
+def _predict_throughput(args, cfg, device) -> dict:
+    """`predict` end to end (image and mask files in, masks, overlays and JSON out) with
+    the Ours model on test images; {"status": why} when there is no Ours model."""
+    from amodal3d.predict import load_predictor, predict_throughput
+
+    try:
+        module, ckpt = load_predictor(None, cfg.experiment, cfg.run.root, device)
+    except FileNotFoundError as err:
+        return {"status": f"not trained ({err})"}
+    res = predict_throughput(module, cfg.data.root, "test", max_images=args.predict_images, device=device)
+    res.update(status="ok", checkpoint=str(ckpt))
+    print(f"[bench] predict: {res['instances_per_s']:.1f} instances/s", flush=True)
+    return res
 
 
 def _part_report(name: str, title: str, report: tuple[dict, str], meta: dict, out: Path) -> str:
@@ -132,7 +153,53 @@ def part_raster(args, cfg, device, meta: dict, out: Path) -> str:
     return _part_report("raster", "Rasteriser throughput", run_raster_bench(device), meta, out)
 
 
-PART_FUNCS = {"table": part_table, "speed": part_speed, "loader": part_loader, "raster": part_raster}
+def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.evaluate import eval_loader, load_method
+    from amodal3d.bench.hardest import hardest_instances, hardest_sheet
+    from amodal3d.bench.speed import section_markdown
+    from amodal3d.bench.table import write_atomic
+
+    entries = {e.name: e for e in _entries(args, cfg)}
+    entry = entries.get(args.hardest_method)
+    if entry is None or entry.status != "ok":
+        why = "no such row" if entry is None else entry.status
+        body = f"{args.hardest_method}: {why}; nothing drawn."
+    else:
+        cases = hardest_instances(load_method(entry, device, cfg), eval_loader(cfg), device,
+                                  args.hardest_per_category, args.limit_batches)
+        png = hardest_sheet(cases, out / "hardest.png", entry.name)
+        lines = ["| category | lowest IoUs |", "|---|---|"]
+        for cat, items in cases.items():
+            lines.append(f"| {cat} | " + ", ".join(f"{100 * k['iou']:.1f}" for k in items) + " |")
+        body = f"![hardest cases]({png.name})\n\n" + "\n".join(lines)
+    md = section_markdown(f"Hardest test instances of {args.hardest_method}", body, meta)
+    write_atomic(out / "hardest.md", md)
+    print(md, flush=True)
+    return md
+
+
+def part_meshes(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.evaluate import eval_loader, load_method
+    from amodal3d.bench.meshes import collect_reconstructions, mesh_sheet
+    from amodal3d.bench.speed import section_markdown
+    from amodal3d.bench.table import write_atomic
+    from lightning_modules.recon import TrueMeshes
+
+    entry = next((e for e in _entries(args, cfg) if e.stage == "recon"), None)
+    if entry is None or entry.status != "ok":
+        body = f"recon: {'no such stage' if entry is None else entry.status}; nothing drawn."
+    else:
+        cases = collect_reconstructions(load_method(entry, device, cfg), eval_loader(cfg), device)
+        png = mesh_sheet(cases, TrueMeshes(cfg.data.root), out / "meshes.png")
+        body = f"![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`"
+    md = section_markdown("Reconstructed meshes (recon, test split)", body, meta)
+    write_atomic(out / "meshes.md", md)
+    print(md, flush=True)
+    return md
+
+
+PART_FUNCS = {"table": part_table, "speed": part_speed, "loader": part_loader, "raster": part_raster,
+              "hardest": part_hardest, "meshes": part_meshes}
 
 
 def main(argv: list[str]) -> int:

@@ -162,6 +162,15 @@ def methods_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def predict_markdown(res: dict) -> str:
+    """The `predict` throughput line of the speed section."""
+    if res.get("status") != "ok":
+        return f"`predict` with the Ours model: {res.get('status')}."
+    return (f"`predict` with the Ours model, files in and out ({res['images']} test images, {res['instances']} "
+            f"instances, batch {res['batch_size']}, {res['device']}, {res['torch_threads']} threads): "
+            f"**{res['instances_per_s']:.1f} instances/s** ({res['seconds']:.1f} s).")
+
+
 def section_markdown(title: str, body: str, meta: dict) -> str:
     setup = "\n".join(f"- {k}: `{v}`" for k, v in meta.items())
     return f"# {title}\n\n{body}\n\n## Setup\n\n{setup}\n"
