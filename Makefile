@@ -17,10 +17,10 @@ PYTEST_ARGS ?=
 
 CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 
-.PHONY: slurm setup test test-all train data validate bench bench-table bench-speed bench-loader bench-raster bench-hardest bench-meshes predict sheets tensorboard stages clean help
+.PHONY: slurm setup test test-all train data validate bench bench-table bench-speed bench-loader bench-raster bench-hardest bench-recon predict sheets tensorboard stages clean help
 
 help:
-	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench | bench-table | bench-speed | bench-loader | bench-raster | bench-hardest | bench-meshes | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
+	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench | bench-table | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
 
 setup: $(STAMP)
 
@@ -64,8 +64,8 @@ bench-raster: setup
 bench-hardest: setup
 	$(PY) -m amodal3d bench hardest $(OVERRIDES)
 
-bench-meshes: setup
-	$(PY) -m amodal3d bench meshes $(OVERRIDES)
+bench-recon: setup
+	$(PY) -m amodal3d bench recon $(OVERRIDES)
 
 sheets: setup
 	$(PY) -m amodal3d sheets $(CFG_ARGS) $(OVERRIDES)

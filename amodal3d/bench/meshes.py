@@ -1,6 +1,8 @@
-"""Reconstructed meshes per category, next to their input and the true object.
+"""recon on the test split: camera and shape errors, and its meshes per category.
 
-For a few test instances of every category: the input crop, the predicted mesh
+The errors are recon's own evaluation (azimuth/elevation/distance against the
+true cameras, view-frame Chamfer distance against the true synth13 meshes). The
+sheet shows, for a few test instances of every category: the input crop, the predicted mesh
 rendered (shaded, the dataset's renderer) from the predicted camera and from two
 other azimuths, and the true synth13 mesh from the true camera. A picture of
 what recon learned that no single number gives (docs/results.md shows it).
@@ -27,29 +29,40 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def collect_reconstructions(stage, loader, device: torch.device, per_category: int = 2) -> dict[str, list[dict]]:
-    """{category: [{rgb, verts, faces, camera, object_id, true_camera}]} of the first
-    `per_category` test instances of each category, as recon predicts them."""
+def collect_reconstructions(stage, loader, device: torch.device, per_category: int = 2,
+                            true_meshes=None, max_batches: int | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """Over the whole loader (the test split): the first `per_category` instances of
+    each category as recon predicts them ({category: [{rgb, verts, faces, camera,
+    object_id, true_camera}]}), and recon's camera and shape errors against the true
+    cameras and meshes (lightning_modules.recon.camera_errors, evaluation only)."""
+    from lightning_modules.recon import camera_errors, view_frame_chamfer
+
     stage.eval()
     found: dict[int, list[dict]] = {}
-    for batch in loader:
-        batch = move_data_to_device(batch, device)
-        todo = [i for i in range(len(batch["category"]))
-                if len(found.setdefault(int(batch["category"][i]), [])) < per_category]
-        if todo:
-            out = stage.net(batch)
-            for i in todo:
-                c = int(batch["category"][i])
-                if len(found[c]) < per_category:
-                    found[c].append({
-                        "rgb": (batch["rgb"][i].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8),
-                        "verts": out["verts"][i].cpu().numpy(), "faces": stage.net.faces.cpu().numpy(),
-                        "camera": out["camera"][i].cpu().numpy(), "object_id": int(batch["object_id"][i]),
-                        "true_camera": batch["eval_camera"][i].cpu().numpy(),
-                    })
-        if len(found) == len(CATEGORIES) and all(len(v) >= per_category for v in found.values()):
+    rows = []
+    for b, batch in enumerate(loader):
+        if max_batches is not None and b >= max_batches:
             break
-    return {CATEGORIES[c]: v for c, v in sorted(found.items())}
+        batch = move_data_to_device(batch, device)
+        out = stage.net(batch)
+        true_cam = batch["eval_camera"].float()
+        chamfer = torch.full((len(true_cam),), float("nan"), device=device)
+        meshes = true_meshes.get("test", batch["object_id"]) if true_meshes else None
+        if meshes is not None:
+            chamfer = view_frame_chamfer(out["verts"], stage.net.faces, out["camera"], meshes, true_cam)
+        rows.append(torch.cat([batch["category"].float()[:, None], out["camera"], true_cam, chamfer[:, None]], 1).cpu())
+        for i in range(len(true_cam)):
+            c = int(batch["category"][i])
+            if len(found.setdefault(c, [])) < per_category:
+                found[c].append({
+                    "rgb": (batch["rgb"][i].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8),
+                    "verts": out["verts"][i].cpu().numpy(), "faces": stage.net.faces.cpu().numpy(),
+                    "camera": out["camera"][i].cpu().numpy(), "object_id": int(batch["object_id"][i]),
+                    "true_camera": true_cam[i].cpu().numpy(),
+                })
+    errors = {k: float(v) for k, v in camera_errors(torch.cat(rows), len(CATEGORIES)).items()} if rows else {}
+    errors["instances"] = int(sum(len(r) for r in rows))
+    return {CATEGORIES[c]: v for c, v in sorted(found.items())}, errors
 
 
 def mesh_sheet(cases: dict[str, list[dict]], true_meshes, out_png: str | os.PathLike, size: int = 96) -> Path:

@@ -1,4 +1,4 @@
-"""`python -m amodal3d bench [table|speed|loader|raster|hardest|meshes|all] [options] [key=value ...]`.
+"""`python -m amodal3d bench [table|speed|loader|raster|hardest|recon|all] [options] [key=value ...]`.
 
 Each part runs alone or all together (`make bench`); each writes its markdown
 (and CSV/JSON) under --out (default bench/) and a TensorBoard text summary
@@ -18,7 +18,7 @@ from pathlib import Path
 from amodal3d.config import REPO_ROOT, load_config
 from amodal3d.runs import write_json_atomic
 
-PARTS = ("table", "speed", "loader", "raster", "hardest", "meshes", "all")
+PARTS = ("table", "speed", "loader", "raster", "hardest", "recon", "all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +178,7 @@ def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
     return md
 
 
-def part_meshes(args, cfg, device, meta: dict, out: Path) -> str:
+def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
     from amodal3d.bench.meshes import collect_reconstructions, mesh_sheet
     from amodal3d.bench.speed import section_markdown
@@ -187,19 +187,27 @@ def part_meshes(args, cfg, device, meta: dict, out: Path) -> str:
 
     entry = next((e for e in _entries(args, cfg) if e.stage == "recon"), None)
     if entry is None or entry.status != "ok":
-        body = f"recon: {'no such stage' if entry is None else entry.status}; nothing drawn."
+        body = f"recon: {'no such stage' if entry is None else entry.status}; nothing measured."
+        errors = {}
     else:
-        cases = collect_reconstructions(load_method(entry, device, cfg), eval_loader(cfg), device)
-        png = mesh_sheet(cases, TrueMeshes(cfg.data.root), out / "meshes.png")
-        body = f"![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`"
-    md = section_markdown("Reconstructed meshes (recon, test split)", body, meta)
-    write_atomic(out / "meshes.md", md)
+        true_meshes = TrueMeshes(cfg.data.root)
+        cases, errors = collect_reconstructions(load_method(entry, device, cfg), eval_loader(cfg), device,
+                                                true_meshes=true_meshes, max_batches=args.limit_batches)
+        png = mesh_sheet(cases, true_meshes, out / "meshes.png")
+        lines = ["| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in errors.items()]
+        body = ("Camera errors in degrees (azimuth after one offset per category: the learned canonical "
+                "frame is arbitrary; chance is 90), Chamfer distance in the view frame after normalisation.\n\n"
+                + "\n".join(lines) + f"\n\n![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`")
+    md = section_markdown("recon on the test split: cameras, shapes and meshes", body, meta)
+    write_atomic(out / "recon.md", md)
+    write_json_atomic(out / "recon.json", {"meta": meta, "errors": errors})
     print(md, flush=True)
     return md
 
 
 PART_FUNCS = {"table": part_table, "speed": part_speed, "loader": part_loader, "raster": part_raster,
-              "hardest": part_hardest, "meshes": part_meshes}
+              "hardest": part_hardest, "recon": part_recon}
 
 
 def main(argv: list[str]) -> int:
