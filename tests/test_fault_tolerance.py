@@ -139,7 +139,8 @@ def test_sigusr1_saves_hpc_checkpoint_and_requeued_job_resumes(data_dir: Path, t
     assert "requeue 4242" in log.read_text()
     saved_step = torch.load(hpc, weights_only=False)["global_step"]
     # the requeued job: same job id, no RESUME; Lightning restores the HPC checkpoint
-    res = subprocess.run(_train_cmd(data_dir, tmp_path, f"trainer.max_steps={saved_step + 2}",
+    # max_epochs as in the first job: only max_steps may end it, whatever step the signal hit
+    res = subprocess.run(_train_cmd(data_dir, tmp_path, f"trainer.max_steps={saved_step + 2}", "trainer.max_epochs=1000",
                                     "trainer.limit_train_batches=2", "trainer.accelerator=cpu"),
                          cwd=ROOT, env=_env(**slurm), capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr

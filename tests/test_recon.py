@@ -348,6 +348,7 @@ def test_mesh_sheet_shows_every_category_with_its_true_mesh(tiny_root, tmp_path)
                                             true_meshes=TrueMeshes(tiny_root))
     assert sorted(cases) == ["car", "chair"] and all(len(v) == 1 for v in cases.values())
     assert errors["instances"] == 12 and 0 <= errors["az_err_aligned"] <= 180 and errors["chamfer"] > 0
+    assert sorted(errors["per_category"]) == ["car", "chair"]
     assert cases["car"][0]["verts"].shape == (stage.net.decoder.num_verts, 3)
     png = mesh_sheet(cases, TrueMeshes(tiny_root), tmp_path / "meshes.png", size=48)
     sheet = np.asarray(Image.open(png).convert("L"))

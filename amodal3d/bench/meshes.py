@@ -60,9 +60,30 @@ def collect_reconstructions(stage, loader, device: torch.device, per_category: i
                     "camera": out["camera"][i].cpu().numpy(), "object_id": int(batch["object_id"][i]),
                     "true_camera": true_cam[i].cpu().numpy(),
                 })
-    errors = {k: float(v) for k, v in camera_errors(torch.cat(rows), len(CATEGORIES)).items()} if rows else {}
+    errors: dict = {}
+    if rows:
+        rows_t = torch.cat(rows)
+        errors = {k: float(v) for k, v in camera_errors(rows_t, len(CATEGORIES)).items()}
+        errors["per_category"] = {
+            CATEGORIES[c]: {k: float(v) for k, v in camera_errors(rows_t[rows_t[:, 0] == c], len(CATEGORIES)).items()}
+            for c in sorted(set(rows_t[:, 0].long().tolist()))
+        }
     errors["instances"] = int(sum(len(r) for r in rows))
     return {CATEGORIES[c]: v for c, v in sorted(found.items())}, errors
+
+
+def errors_markdown(errors: dict) -> str:
+    """The overall figures, then azimuth errors per category (aligned; modulo 180 deg)."""
+    lines = ["| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in errors.items() if not isinstance(v, dict)]
+    per = errors.get("per_category", {})
+    if per:
+        lines += ["", "| category | azimuth error (aligned) | median | within 30 deg | modulo 180 deg | elevation error |",
+                  "|---|---|---|---|---|---|"]
+        for cat, e in per.items():
+            lines.append(f"| {cat} | {e['az_err_aligned']:.1f} | {e['az_median_aligned']:.1f} | "
+                         f"{100 * e['az_acc30_aligned']:.0f}% | {e['az_err_aligned_sym']:.1f} | {e['el_err']:.1f} |")
+    return "\n".join(lines)
 
 
 def mesh_sheet(cases: dict[str, list[dict]], true_meshes, out_png: str | os.PathLike, size: int = 96) -> Path:

@@ -180,7 +180,7 @@ def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
 
 def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
-    from amodal3d.bench.meshes import collect_reconstructions, mesh_sheet
+    from amodal3d.bench.meshes import collect_reconstructions, errors_markdown, mesh_sheet
     from amodal3d.bench.speed import section_markdown
     from amodal3d.bench.table import write_atomic
     from lightning_modules.recon import TrueMeshes
@@ -194,11 +194,9 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
         cases, errors = collect_reconstructions(load_method(entry, device, cfg), eval_loader(cfg), device,
                                                 true_meshes=true_meshes, max_batches=args.limit_batches)
         png = mesh_sheet(cases, true_meshes, out / "meshes.png")
-        lines = ["| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in errors.items()]
         body = ("Camera errors in degrees (azimuth after one offset per category: the learned canonical "
-                "frame is arbitrary; chance is 90), Chamfer distance in the view frame after normalisation.\n\n"
-                + "\n".join(lines) + f"\n\n![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`")
+                "frame is arbitrary; chance is 90, and 45 modulo 180 deg), Chamfer distance in the view frame "
+                "after normalisation.\n\n" + errors_markdown(errors) + f"\n\n![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`")
     md = section_markdown("recon on the test split: cameras, shapes and meshes", body, meta)
     write_atomic(out / "recon.md", md)
     write_json_atomic(out / "recon.json", {"meta": meta, "errors": errors})
