@@ -186,7 +186,8 @@ def load_config(
     """Schema -> base.yaml -> stage/<stage>.yaml -> exp/<experiment>.yaml
     -> debug/<debug>.yaml -> command-line dot-overrides.
 
-    stage=None loads only the shared sections (for `make data`, `validate`).
+    stage=None loads only the shared sections (for `make data`, `validate`, `bench`);
+    an experiment file's `model` section is then ignored.
     """
     if stage is None:
         model_schema = object
@@ -208,7 +209,10 @@ def load_config(
             raise ConfigError(
                 f"experiment {experiment!r} not found at {ef}; available: {', '.join(avail)}"
             )
-        cfg = _merge(cfg, _load_yaml(ef), str(ef))
+        exp_cfg = _load_yaml(ef)
+        if stage is None and "model" in exp_cfg:  # stage-less commands (data, bench) have no model
+            exp_cfg.pop("model")
+        cfg = _merge(cfg, exp_cfg, str(ef))
         cfg.experiment = Path(experiment).stem
     if debug:
         df = EXPERIMENTS_DIR / "debug" / f"{debug}.yaml"

@@ -198,5 +198,6 @@ STAGE = StageSpec(
     data="crops",
     depends_on=("recon", "viewpoint", "render", "refine"),
     method="joint (end-to-end fine-tuning)",
+    table_order=60,
     help="fine-tunes recon, viewpoint, render and refine together from their checkpoints",
 )

@@ -533,5 +533,6 @@ STAGE = StageSpec(
     model_schema=ReconModelConfig,
     data="crops",
     method="recon-render",
+    table_order=20,
     help="unsupervised 3D reconstruction + camera from silhouettes (rendered silhouette as amodal mask)",
 )

@@ -667,6 +667,7 @@ STAGE = StageSpec(
     data="crops",
     depends_on=("recon",),
     method="refine (3D prior frozen)",
+    table_order=50,
     help="step 5: region-specific refinement of the 3D prior's render (supervised by amodal masks)",
     extra={"bench_rows": bench_rows},
 )

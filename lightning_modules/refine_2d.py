@@ -31,5 +31,6 @@ STAGE = StageSpec(
     model_schema=RefineModelConfig,
     data="crops",
     method="2D-only (no 3D prior)",
+    table_order=40,
     help="ablation: the refine network with its coarse-mask input zeroed (no 3D prior)",
 )

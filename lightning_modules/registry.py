@@ -25,6 +25,8 @@ class StageSpec:
     data: "crops" (per-instance crops) or "images" (whole images, detection).
     depends_on: stages whose frozen checkpoints this one consumes.
     method: the row name in the results table (None: not a benchmarked method).
+    table_order: where its row goes in the results table (baselines first, then the
+        pipeline in order; rows a stage adds through extra["bench_rows"] come last).
     """
 
     name: str
@@ -33,6 +35,7 @@ class StageSpec:
     data: str = "crops"
     depends_on: tuple[str, ...] = ()
     method: str | None = None
+    table_order: int = 100
     help: str = ""
     extra: dict = field(default_factory=dict)
 

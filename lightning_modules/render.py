@@ -377,6 +377,7 @@ STAGE = StageSpec(
     data="crops",
     depends_on=("recon", "viewpoint"),
     method="render",
+    table_order=30,
     help="coarse amodal mask: recon mesh under the better camera (viewpoint optional, model.camera_source),"
     " placed per axis on the amodal box",
 )

@@ -84,6 +84,9 @@ def test_discovery_lists_untrained_methods_and_picks_the_latest_run(tmp_path):
     assert entries["pcnet_m"].status == "not trained" and entries["pcnet_m"].name == "Deocclusion"
     by_name = {e.name: e for e in found}  # rows a stage adds through StageSpec.extra["bench_rows"]
     assert by_name["Ours"].status == "not trained" and by_name["2D-only (no 3D prior)"].status == "not trained"
+    order = [e.name for e in found]  # baselines, then the pipeline in order, then the added rows
+    assert order.index("Deocclusion") < order.index("recon-render") < order.index("2D-only (no 3D prior)") \
+        < order.index("joint (end-to-end fine-tuning)") < order.index("Ours")
     old = _fake_run(tmp_path, "pcnet_m", "20240101-000000")
     time.sleep(0.01)
     new = _fake_run(tmp_path, "pcnet_m", "20240102-000000")

@@ -65,6 +65,16 @@ def test_experiment_file_path_and_unknown_key_in_file(tmp_path: Path):
     assert str(bad) in str(e.value) and "batch_size" in str(e.value)
 
 
+def test_stage_less_commands_ignore_an_experiments_model_section(tmp_path: Path):
+    exp = tmp_path / "ablation.yaml"
+    exp.write_text("model:\n  region_specific: false\nloader:\n  batch_size: 8\n")
+    cfg = load_config(None, str(exp), [])  # what `bench --exp` and `data --exp` load
+    assert cfg.loader.batch_size == 8 and "region_specific" not in cfg.model
+    assert load_config("refine", str(exp), []).model.region_specific is False
+    with pytest.raises(ConfigError, match="region_specifc"):
+        load_config("refine", str(exp), ["model.region_specifc=true"])
+
+
 def test_saved_config_round_trips(tmp_path: Path):
     cfg = load_config(None, None, ["seed=7"])
     save_config(cfg, tmp_path / "run" / "config.yaml")

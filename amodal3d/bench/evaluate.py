@@ -91,6 +91,8 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
     from lightning_modules.registry import available_stages, get_stage
 
     out: list[MethodEntry] = []
+    added: list[MethodEntry] = []  # rows stages contribute (extra["bench_rows"]): after all stage rows
+    specs = []
     for stage in available_stages():
         try:
             spec = get_stage(stage)
@@ -98,16 +100,19 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
             print(f"[bench] warning: stage {stage!r} cannot be imported: {err}", file=sys.stderr)
             out.append(MethodEntry(name=stage, stage=stage, status=f"error: import failed: {err}"))
             continue
-        if spec.method is None:
-            continue
+        if spec.method is not None:
+            specs.append(spec)
+    for spec in sorted(specs, key=lambda sp: (sp.table_order, sp.name)):
+        stage = spec.name
         try:
             ckpt = find_stage_checkpoint(stage, experiment, root)
             out.append(MethodEntry(name=spec.method, stage=stage, checkpoint=ckpt))
         except FileNotFoundError:
             out.append(MethodEntry(name=spec.method, stage=stage, status=NOT_TRAINED))
         for row in spec.extra.get("bench_rows", lambda *_: [])(experiment, root):
-            out.append(MethodEntry(name=row.name, stage=row.stage, checkpoint=row.checkpoint,
-                                   status=row.status, load=row.load))
+            added.append(MethodEntry(name=row.name, stage=row.stage, checkpoint=row.checkpoint,
+                                     status=row.status, load=row.load))
+    out += added
     seen: dict[str, int] = {}
     for e in out:  # two stages reporting the same method name get told apart
         seen[e.name] = seen.get(e.name, 0) + 1

@@ -119,5 +119,6 @@ STAGE = StageSpec(
     model_schema=PCNetMConfig,
     data="crops",
     method="Deocclusion",
+    table_order=10,
     help="Deocclusion (PCNet-M, CVPR'20) baseline: self-supervised mask completion from visible masks",
 )
