@@ -74,7 +74,7 @@ def _cmd_stages(args: argparse.Namespace) -> int:
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
-    from amodal3d.slurm import SlurmRequest, render_sbatch, write_and_submit
+    from amodal3d.slurm import SlurmRequest, write_and_submit
 
     sweep: tuple[str, ...] = ()
     if args.sweep:

@@ -74,6 +74,17 @@ def find_stage_checkpoint(
     )
 
 
+def save_png_atomic(image, path) -> Path:
+    """Save a PIL image as PNG under a temporary name, then rename: a reader never
+    sees a half-written picture."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

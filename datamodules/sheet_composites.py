@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.runs import save_png_atomic
 from datamodules.shards import SplitReader
 
 _GREEN, _RED, _BLUE = np.array([40, 220, 60]), np.array([235, 40, 40]), np.array([50, 110, 255])
@@ -58,10 +59,5 @@ def composite_contact_sheet(
             for j, arr in enumerate((image, ov)):
                 sheet.paste(Image.fromarray(arr).resize((size, size), Image.Resampling.NEAREST), (x + j * (size + pad), y))
             draw.text((x + 2, y + 1), f"{idx['occlusion'][i]:.2f}", fill=(255, 255, 255))
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
     reader.close()
-    return out
+    return save_png_atomic(sheet, out_png)

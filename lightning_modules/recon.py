@@ -28,7 +28,6 @@ distance. The best checkpoint is chosen on `val/visible_iou`, which needs no lab
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -195,11 +195,7 @@ def test_short_run_checkpoint_reloads_for_the_bench(tmp_path):
 
 
 def test_fast_dev_run_on_real_synth13(tmp_path):
-    """fast_dev_run through the runner on the real default source (needs datamodules.sources)."""
-    try:
-        from datamodules.sources import load_objects  # noqa: F401
-    except ImportError:
-        pytest.skip("datamodules.sources.load_objects is not there yet")
+    """fast_dev_run through the runner on the real default source."""
     from amodal3d.train import train
 
     cfg = tiny_config(tmp_path, "data.categories=[chair,car]", debug="fdr")

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.predict import mask_outline
+from amodal3d.runs import save_png_atomic
 from datamodules.sheet_composites import overlay
 from metrics.amodal_iou import instance_iou
 
@@ -84,9 +85,4 @@ def hardest_sheet(cases: dict[str, list[dict]], out_png: str | os.PathLike, meth
                 tile = Image.fromarray(arr).resize((size, size), Image.Resampling.NEAREST)
                 sheet.paste(tile, (x + j * (size + 2), y))
             draw.text((x, y + size + 1), f"IoU {100 * case['iou']:.1f}", fill=(0, 0, 0))
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
-    return out
+    return save_png_atomic(sheet, out_png)

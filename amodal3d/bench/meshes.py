@@ -19,6 +19,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.runs import save_png_atomic
 
 _GREY = np.array([0.72, 0.72, 0.75], np.float32)
 
@@ -117,9 +118,4 @@ def mesh_sheet(cases: dict[str, list[dict]], true_meshes, out_png: str | os.Path
             x = label_w + col * cell
             for j, arr in enumerate(tiles):
                 sheet.paste(Image.fromarray(arr).resize((size, size), Image.Resampling.BILINEAR), (x + j * (size + 2), y))
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
-    return out
+    return save_png_atomic(sheet, out_png)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import DISPLAY_NAMES, resolve_categories
+from amodal3d.runs import save_png_atomic
 from datamodules.sources import load_objects
 
 LABEL_W = 78
@@ -67,12 +67,7 @@ def object_contact_sheet(
                 if scale != 1:
                     img = img.resize((tile, tile), Image.NEAREST)
                 page.paste(img, (LABEL_W + i * block_w + j * tile, y))
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    page.save(tmp)
-    os.replace(tmp, out)
-    return out
+    return save_png_atomic(page, out_png)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
