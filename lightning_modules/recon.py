@@ -42,6 +42,7 @@ from models.camera_head import CameraHead
 from models.encoder import CropEncoder, crop_channels
 from models.mesh_decoder import SymmetricMeshDecoder
 from models.mesh_renderer import CropRenderer, box_in_crop, centred_box_ndc, fit_placement, pixel_box_to_ndc
+from models.precision import float32_geometry
 from models.recon_losses import (
     azimuth_difference,
     azimuth_uniformity,
@@ -283,6 +284,7 @@ def _normalise_points(p: torch.Tensor) -> torch.Tensor:
     return (p - 0.5 * (lo + hi)) / (hi - lo).norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+@float32_geometry
 def view_frame_chamfer(
     verts: torch.Tensor,
     faces: torch.Tensor,

@@ -37,6 +37,8 @@ from pytorch3d.renderer import (
 from pytorch3d.structures import Meshes
 from torch import nn
 
+from models.precision import float32_geometry
+
 NMR_FOV = 30.0
 ZNEAR = 0.1
 ZFAR = 100.0
@@ -211,6 +213,7 @@ def make_cameras(camera: torch.Tensor, place: torch.Tensor | None = None, fov: f
     return FoVPerspectiveCameras(R=r, T=t, K=projection_matrix(place, fov), device=camera.device)
 
 
+@float32_geometry
 def project(verts: torch.Tensor, camera: torch.Tensor, fov: float = NMR_FOV) -> torch.Tensor:
     """(B,V,2) NDC coordinates of the vertices under the camera, before placement."""
     return make_cameras(camera, None, fov).transform_points(verts)[..., :2]
@@ -237,6 +240,7 @@ def box_in_crop(box: torch.Tensor, crop_box: torch.Tensor, size: int) -> torch.T
     )
 
 
+@float32_geometry
 def fit_placement(verts: torch.Tensor, camera: torch.Tensor, target_ndc: torch.Tensor, fov: float = NMR_FOV):
     """(B,3) placement mapping the box of the projected vertices onto the NDC box
     target_ndc (cx, cy, w, h), with one uniform scale (the geometric mean of the
@@ -250,6 +254,7 @@ def fit_placement(verts: torch.Tensor, camera: torch.Tensor, target_ndc: torch.T
     return torch.cat([s[:, None], t], dim=1)
 
 
+@float32_geometry
 def centred_box_ndc(verts: torch.Tensor, camera: torch.Tensor, margin: float, fov: float = NMR_FOV):
     """The NDC box an object gets in a crop built around its own projection: centred,
     the longer side 2/margin wide (what the crop loader does with amodal boxes)."""
@@ -280,6 +285,7 @@ class CropRenderer(nn.Module):
             )
         return self._renderers[size]
 
+    @float32_geometry
     def forward(
         self, verts: torch.Tensor, faces: torch.Tensor, camera: torch.Tensor, place: torch.Tensor, size: int
     ) -> torch.Tensor:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from pytorch3d.structures import Meshes
 
+from models.precision import float32_geometry
+
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).float()
@@ -102,6 +104,7 @@ class MeshRegularisers(nn.Module):
         d = verts[:, self.edges[:, 0]] - verts[:, self.edges[:, 1]]
         return d.pow(2).sum(-1).mean()
 
+    @float32_geometry
     def forward(self, verts: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"laplacian": self.laplacian(verts), "normal": self.normal(verts), "edge": self.edge(verts)}
 
