@@ -336,6 +336,15 @@ def test_short_run_checkpoints_logs_pictures_and_reloads(tiny_root, tmp_path):
     with torch.no_grad():
         sil = net.silhouette(synthetic_batch(objects=1, views=2))
     assert sil.shape == (2, 1, S, S)
+    # the bench's recon part on this run: test-split camera errors and the mesh sheet
+    from amodal3d.bench import run as bench_run
+
+    out = tmp_path / "bench"
+    data_ov = [o for o in ov if o.startswith("data.")]
+    assert bench_run.main(["recon", "--run", str(run), "--out", str(out), "--device", "cpu", *data_ov]) == 0
+    errors = json.loads((out / "recon.json").read_text())["errors"]
+    assert errors["instances"] == 12 and sorted(errors["per_category"]) == ["car", "chair"]
+    assert (out / "meshes.png").is_file() and "| chair |" in (out / "recon.md").read_text()
 
 
 def test_mesh_sheet_shows_every_category_with_its_true_mesh(tiny_root, tmp_path):

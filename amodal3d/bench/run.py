@@ -196,7 +196,8 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
         png = mesh_sheet(cases, true_meshes, out / "meshes.png")
         body = ("Camera errors in degrees (azimuth after one offset per category: the learned canonical "
                 "frame is arbitrary; chance is 90, and 45 modulo 180 deg), Chamfer distance in the view frame "
-                "after normalisation.\n\n" + errors_markdown(errors) + f"\n\n![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`")
+                "after normalisation.\n\n" + errors_markdown(errors)
+                + f"\n\n![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`")
     md = section_markdown("recon on the test split: cameras, shapes and meshes", body, meta)
     write_atomic(out / "recon.md", md)
     write_json_atomic(out / "recon.json", {"meta": meta, "errors": errors})
