@@ -216,3 +216,20 @@ def test_hardest_cases_are_the_lowest_iou_instances_per_category(trained):
     out = tmp / "bench_hardest"
     assert bench_run.main(["hardest", "--hardest-method", "Deocclusion", "--out", str(out), *args]) == 0
     assert (out / "hardest.png").is_file() and "| chair |" in (out / "hardest.md").read_text()
+
+
+def test_opposite_view_similarity_tells_a_turn_invariant_object_from_one_with_a_front():
+    from amodal3d.bench.symmetry import opposite_view_similarity
+
+    v, s = 4, 16
+    rgba = np.zeros((2, v, s, s, 4), np.uint8)
+    rgba[0, :, 4:12, 4:12] = 200  # object 0 looks the same from every side
+    for k in range(v):  # object 1: a bar on the left when seen from the front half, right from the back
+        cols = slice(2, 6) if k < v // 2 else slice(10, 14)
+        rgba[1, k, 4:12, cols] = 200
+    iou, colour = opposite_view_similarity(rgba[:1])
+    assert iou == 1.0 and colour == 0.0
+    iou, _ = opposite_view_similarity(rgba[1:])
+    assert iou == 0.0
+    with pytest.raises(ValueError, match="even number"):
+        opposite_view_similarity(rgba[:, :3])
