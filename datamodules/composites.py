@@ -25,13 +25,14 @@ Gaussian noise of std 6).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from amodal3d.categories import category_index
+from amodal3d.config import DataConfig
 from datamodules.sources.base import SPLITS, ObjectRenders
 
 COMPOSITES = ("erase", "paste")
@@ -56,35 +57,30 @@ _PASTE_PLACE_TRIES = 20
 _PASTE_PICK_TRIES = 20
 
 
+_D = DataConfig  # the defaults live in the config schema, once
+
+
 @dataclass(frozen=True)
 class CompositeParams:
-    """The DataConfig fields the generators read."""
+    """The DataConfig fields the generators read (plus the paste scale range, fixed)."""
 
-    composite: str = "erase"
-    image_size: int = 64
-    occluders_min: int = 1
-    occluders_max: int = 2
-    occlusion_min: float = 0.1
-    occlusion_max: float = 0.7
-    paste_objects_min: int = 2
-    paste_objects_max: int = 4
+    composite: str = _D.composite
+    image_size: int = _D.image_size
+    occluders_min: int = _D.occluders_min
+    occluders_max: int = _D.occluders_max
+    occlusion_min: float = _D.occlusion_min
+    occlusion_max: float = _D.occlusion_max
+    paste_objects_min: int = _D.paste_objects_min
+    paste_objects_max: int = _D.paste_objects_max
     paste_scale_min: float = 0.3
     paste_scale_max: float = 0.65
-    seed: int = 0
+    seed: int = _D.seed
 
     @classmethod
     def from_data_config(cls, data_cfg: Any) -> "CompositeParams":
-        p = cls(
-            composite=str(data_cfg.composite),
-            image_size=int(data_cfg.image_size),
-            occluders_min=int(data_cfg.occluders_min),
-            occluders_max=int(data_cfg.occluders_max),
-            occlusion_min=float(data_cfg.occlusion_min),
-            occlusion_max=float(data_cfg.occlusion_max),
-            paste_objects_min=int(data_cfg.paste_objects_min),
-            paste_objects_max=int(data_cfg.paste_objects_max),
-            seed=int(data_cfg.seed),
-        )
+        kinds = {f.name: type(f.default) for f in fields(cls)}
+        given = {name: getattr(data_cfg, name, None) for name in kinds}  # DictConfig or DataConfig
+        p = cls(**{name: kinds[name](value) for name, value in given.items() if value is not None})
         p.check()
         return p
 

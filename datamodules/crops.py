@@ -23,13 +23,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, get_worker_info
 
 from datamodules.shards import SplitReader
+from datamodules.split_datamodule import SplitDataModule
 
 EVAL_PREFIX = "eval_"
 
@@ -338,7 +338,7 @@ def make_sampler(dataset: Dataset, train: bool, seed: int) -> Sampler[int]:
     return EpochSeededSampler(len(dataset), seed) if train else SequentialSampler(dataset)
 
 
-class CropDataModule(L.LightningDataModule):
+class CropDataModule(SplitDataModule):
     """Crops of data.root for every stage that works per instance.
 
     views_per_item (argument, else loader_cfg.views_per_item if the config has
@@ -347,53 +347,20 @@ class CropDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data_cfg: Any, loader_cfg: Any, views_per_item: int | None = None, verify: bool = True) -> None:
-        super().__init__()
-        self.data_cfg, self.loader_cfg = data_cfg, loader_cfg
-        self.root = str(data_cfg.root)
+        super().__init__(data_cfg, loader_cfg, verify)
         self.views_per_item = int(views_per_item or getattr(loader_cfg, "views_per_item", 1) or 1)
-        self.verify = verify
         self.seed = int(getattr(data_cfg, "seed", 0))
-        self.datasets: dict[str, CropDataset] = {}
 
-    def prepare_data(self) -> None:
-        from datamodules.build import ensure_dataset
-
-        ensure_dataset(self.data_cfg)
-
-    def dataset(self, split: str) -> CropDataset:
-        if split not in self.datasets:
-            lc = self.loader_cfg
-            self.datasets[split] = CropDataset(
-                self.root, split, crop_size=int(lc.crop_size), crop_margin=float(lc.crop_margin),
-                views_per_item=self.views_per_item if split == "train" else 1,
-                train=split == "train", verify=self.verify,
-            )
-        return self.datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in splits.get(stage or "", ("train", "val", "test")):
-            self.dataset(split)
-
-    def _loader(self, split: str) -> DataLoader:
+    def make_dataset(self, split: str) -> CropDataset:
         lc = self.loader_cfg
-        ds = self.dataset(split)
-        workers = int(lc.num_workers)
-        return DataLoader(
-            ds, batch_size=int(lc.batch_size), sampler=make_sampler(ds, split == "train", self.seed),
-            num_workers=workers,
-            pin_memory=bool(lc.pin_memory), persistent_workers=bool(lc.persistent_workers) and workers > 0,
-            collate_fn=collate_views if ds.views_per_item > 1 else collate_crops, drop_last=False,
+        return CropDataset(
+            self.root, split, crop_size=int(lc.crop_size), crop_margin=float(lc.crop_margin),
+            views_per_item=self.views_per_item if split == "train" else 1,
+            train=split == "train", verify=self.verify,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def make_loader(self, ds: CropDataset, split: str) -> DataLoader:
+        return DataLoader(
+            ds, sampler=make_sampler(ds, split == "train", self.seed), drop_last=False,
+            collate_fn=collate_views if ds.views_per_item > 1 else collate_crops, **self.loader_kwargs(),
+        )

@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.shards import SplitReader
+from datamodules.split_datamodule import SplitDataModule
 
 
 class ImageDataset(Dataset):
@@ -76,48 +76,11 @@ def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
     return list(images), list(targets)
 
 
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(SplitDataModule):
     """Whole images of data.root for the detection stages."""
 
-    def __init__(self, data_cfg: Any, loader_cfg: Any, verify: bool = True) -> None:
-        super().__init__()
-        self.data_cfg, self.loader_cfg = data_cfg, loader_cfg
-        self.root = str(data_cfg.root)
-        self.verify = verify
-        self.datasets: dict[str, ImageDataset] = {}
+    def make_dataset(self, split: str) -> ImageDataset:
+        return ImageDataset(self.root, split, verify=self.verify)
 
-    def prepare_data(self) -> None:
-        from datamodules.build import ensure_dataset
-
-        ensure_dataset(self.data_cfg)
-
-    def dataset(self, split: str) -> ImageDataset:
-        if split not in self.datasets:
-            self.datasets[split] = ImageDataset(self.root, split, verify=self.verify)
-        return self.datasets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in splits.get(stage or "", ("train", "val", "test")):
-            self.dataset(split)
-
-    def _loader(self, split: str) -> DataLoader:
-        lc = self.loader_cfg
-        workers = int(lc.num_workers)
-        return DataLoader(
-            self.dataset(split), batch_size=int(lc.batch_size), shuffle=split == "train",
-            num_workers=workers, pin_memory=bool(lc.pin_memory),
-            persistent_workers=bool(lc.persistent_workers) and workers > 0, collate_fn=collate_detection,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def make_loader(self, ds: ImageDataset, split: str) -> DataLoader:
+        return DataLoader(ds, shuffle=split == "train", collate_fn=collate_detection, **self.loader_kwargs())

@@ -629,18 +629,9 @@ class BenchRow:
     load: Callable[[DictConfig, torch.device], AmodalStage] | None = None
 
 
-def _val_loader(cfg: DictConfig):
-    from datamodules.build import ensure_dataset
-    from datamodules.crops import CropDataModule
-
-    ensure_dataset(cfg.data)
-    dm = CropDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}))
-    dm.setup("validate")
-    return dm.val_dataloader()
-
-
 def bench_rows(experiment: str, root: str = "runs") -> list[BenchRow]:
     """The Ours row and Ours fed with the true-camera render (evaluation only)."""
+    from amodal3d.bench.evaluate import eval_loader
     from amodal3d.bench.table import NOT_TRAINED
 
     try:
@@ -653,7 +644,7 @@ def bench_rows(experiment: str, root: str = "runs") -> list[BenchRow]:
 
     def load_true_camera(cfg: DictConfig, device: torch.device) -> AmodalStage:
         module = load_stage_module(stage, ckpt, device)
-        calibrate_true_camera(module, _val_loader(cfg), device)
+        calibrate_true_camera(module, eval_loader(cfg, "val"), device)
         return module
 
     return [BenchRow(OURS, stage, ckpt, "ok", load_ours),

@@ -1,4 +1,4 @@
-"""Stand-in object source for tests: ellipses instead of rendered meshes.
+"""Stand-in object sources for tests: ellipses and rectangles instead of rendered meshes.
 
 Fast, deterministic and renderer-free, so runner/DDP/fault tests spend their
 time on what they test. Build a dataset with it once (`build_fake_dataset`);
@@ -32,6 +32,29 @@ def fake_objects(data_cfg, category: str, split: str):
             rgba[o, k][m] = [*color, 255]
     cams = np.broadcast_to(nmr_cameras(v), (n, v, 3)).copy()
     return ObjectRenders(category, split, [f"{category}-{split}-{i}" for i in range(n)], rgba, cams)
+
+
+def blob_objects(category: str, split: str, n: int, views: int, size: int, rng_key: list[int],
+                 radius: tuple[float, float] = (0.12, 0.4), shift: float = 3.0):
+    """ObjectRenders of n objects x views: ellipses and rectangles (alternating) of random
+    half-sizes radius x size around the centre +- shift pixels, one random colour each."""
+    from datamodules.sources.base import ObjectRenders, nmr_cameras
+
+    rng = np.random.default_rng(rng_key)
+    rgba = np.zeros((n, views, size, size, 4), np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        for v in range(views):
+            a, b = rng.uniform(*radius, 2) * size
+            cx, cy = size / 2 + rng.uniform(-shift, shift, 2)
+            if (i + v) % 2:
+                m = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
+            else:
+                m = (np.abs(xx - cx) <= a) & (np.abs(yy - cy) <= b)
+            rgba[i, v, m, :3] = rng.integers(0, 255, 3)
+            rgba[i, v, m, 3] = 255
+    cams = np.repeat(nmr_cameras(views)[None], n, 0)
+    return ObjectRenders(category, split, [f"{category}-{i}" for i in range(n)], rgba, cams)
 
 
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:

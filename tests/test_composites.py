@@ -9,26 +9,13 @@ from amodal3d.categories import category_index
 from datamodules.composites import (
     BACKGROUNDS, CompositeParams, ObjectPool, erase, mask_box, paste, resize_rgba,
 )
-from datamodules.sources.base import ObjectRenders, nmr_cameras
+from datamodules.sources.base import ObjectRenders
+from fakes import blob_objects
 
 
-def fake_objects(category: str, split: str, n: int = 3, views: int = 4, size: int = 64, seed: int = 0) -> ObjectRenders:
+def fake_objects(category: str, split: str, n: int = 3, views: int = 4, size: int = 64, seed: int = 0):
     """Ellipses and rectangles of random sizes, one colour each: no renderer needed."""
-    rng = np.random.default_rng([seed, category_index(category), len(split), n])
-    rgba = np.zeros((n, views, size, size, 4), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        for v in range(views):
-            a, b = rng.uniform(0.12, 0.4, 2) * size
-            cx, cy = size / 2 + rng.uniform(-3, 3, 2)
-            if (i + v) % 2:
-                m = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1
-            else:
-                m = (np.abs(xx - cx) <= a) & (np.abs(yy - cy) <= b)
-            rgba[i, v, m, :3] = rng.integers(0, 255, 3)
-            rgba[i, v, m, 3] = 255
-    cams = np.repeat(nmr_cameras(views)[None], n, 0)
-    return ObjectRenders(category, split, [f"{category}-{i}" for i in range(n)], rgba, cams)
+    return blob_objects(category, split, n, views, size, [seed, category_index(category), len(split), n])
 
 
 def _erase_all(objs: ObjectRenders, params: CompositeParams, split: str = "train", offset: int = 0):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from fakes import blob_objects
 from amodal3d.categories import category_index
 from amodal3d.config import DataConfig, LoaderConfig
 from datamodules.build import build_dataset
@@ -15,7 +15,6 @@ from datamodules.crops import (
     CropDataModule, CropDataset, collate_views, crop_to_box, paste_crop_to_image, square_crop_box,
 )
 from datamodules.images import DetectionDataModule, ImageDataset
-from datamodules.sources.base import ObjectRenders, nmr_cameras
 
 CONTRACT = {
     "rgb", "visible", "occluded", "category", "object_id", "crop_box", "amodal_box", "image_visible",
@@ -24,22 +23,11 @@ CONTRACT = {
 }
 
 
-def fake_objects(data_cfg, category: str, split: str) -> ObjectRenders:
+def fake_objects(data_cfg, category: str, split: str):
     """load_objects stand-in: off-centre ellipses/rectangles of random sizes."""
     n, views, size = int(data_cfg.objects_per_split[split]), int(data_cfg.views), int(data_cfg.render_size)
-    rng = np.random.default_rng([category_index(category), len(split), n])
-    rgba = np.zeros((n, views, size, size, 4), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        for v in range(views):
-            a, b = rng.uniform(0.1, 0.3, 2) * size
-            cx, cy = size / 2 + rng.uniform(-10, 10, 2)
-            m = (((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1) if (i + v) % 2 else (
-                (np.abs(xx - cx) <= a) & (np.abs(yy - cy) <= b))
-            rgba[i, v, m, :3] = rng.integers(0, 255, 3)
-            rgba[i, v, m, 3] = 255
-    cams = np.repeat(nmr_cameras(views)[None], n, 0)
-    return ObjectRenders(category, split, [f"{category}-{i}" for i in range(n)], rgba, cams)
+    return blob_objects(category, split, n, views, size, [category_index(category), len(split), n],
+                        radius=(0.1, 0.3), shift=10.0)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
+from fakes import blob_objects
 from amodal3d.categories import category_index
 from amodal3d.config import DataConfig
 from datamodules import shards as shards_mod
@@ -28,28 +29,15 @@ from datamodules.shards import (
     MANIFEST, DatasetError, SchemaVersionError, ShardError, SplitReader, read_manifest, sha256_file,
     validate_dataset,
 )
-from datamodules.sources.base import ObjectRenders, nmr_cameras
 
 ROOT = Path(__file__).resolve().parent.parent
 CATS = ["chair", "car", "lamp"]
 
 
-def fake_objects(data_cfg, category: str, split: str) -> ObjectRenders:
+def fake_objects(data_cfg, category: str, split: str):
     """load_objects stand-in: ellipses/rectangles of random sizes, no renderer."""
     n, views, size = int(data_cfg.objects_per_split[split]), int(data_cfg.views), int(data_cfg.render_size)
-    rng = np.random.default_rng([category_index(category), len(split), n])
-    rgba = np.zeros((n, views, size, size, 4), np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        for v in range(views):
-            a, b = rng.uniform(0.12, 0.4, 2) * size
-            cx, cy = size / 2 + rng.uniform(-3, 3, 2)
-            m = (((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 <= 1) if (i + v) % 2 else (
-                (np.abs(xx - cx) <= a) & (np.abs(yy - cy) <= b))
-            rgba[i, v, m, :3] = rng.integers(0, 255, 3)
-            rgba[i, v, m, 3] = 255
-    cams = np.repeat(nmr_cameras(views)[None], n, 0)
-    return ObjectRenders(category, split, [f"{category}-{i}" for i in range(n)], rgba, cams)
+    return blob_objects(category, split, n, views, size, [category_index(category), len(split), n])
 
 
 def cfg_for(root: Path, **kw) -> DataConfig:

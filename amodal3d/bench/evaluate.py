@@ -143,16 +143,15 @@ def floor_module(cfg: DictConfig, device: torch.device) -> VisibleFloor:
     return VisibleFloor(cfg).to(device).eval()
 
 
-def eval_loader(cfg: DictConfig):
-    """The test split's crop loader of the bench config's dataset (built if missing)."""
+def eval_loader(cfg: DictConfig, split: str = "test"):
+    """A split's crop loader (in order, each instance once) of the config's dataset,
+    built first if missing."""
     from datamodules.build import ensure_dataset
     from datamodules.crops import CropDataModule
 
     ensure_dataset(cfg.data)
-    loader_cfg = OmegaConf.merge(cfg.loader, {"persistent_workers": False})
-    dm = CropDataModule(cfg.data, loader_cfg)
-    dm.setup("test")
-    return dm.test_dataloader()
+    dm = CropDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}))
+    return dm.make_loader(dm.dataset(split), split)
 
 
 @torch.no_grad()

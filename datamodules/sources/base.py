@@ -9,6 +9,7 @@ those are evaluation-only data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,3 +91,13 @@ def resolve_request(data_cfg: Any, category: str, split: str) -> tuple[str, int]
             f"(has {', '.join(map(str, counts.keys())) or 'none'}); add e.g. {split}: 8"
         )
     return name, int(counts[split])
+
+
+def source_folder(data_cfg: Any, what: str, hint: str) -> Path:
+    """data.source_path as an existing folder, or FileNotFoundError naming it and `hint`."""
+    folder = Path(str(data_cfg.source_path)) if str(data_cfg.source_path) else None
+    if folder is None or not folder.is_dir():
+        raise FileNotFoundError(
+            f"{what} folder not found: {str(folder) if folder else '(data.source_path is empty)'}; {hint}"
+        )
+    return folder

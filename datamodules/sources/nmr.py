@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from datamodules.sources.base import resolve_request
+from datamodules.sources.base import resolve_request, source_folder
 from datamodules.sources.base import NMR_IMAGE_SIZE, NMR_NUM_VIEWS, ObjectRenders, nmr_cameras
 
 ARRAY_KEY = "arr_0"
@@ -94,12 +94,7 @@ def read_nmr_images(path: Path, max_objects: int = 0) -> np.ndarray:
 def load_nmr(data_cfg: Any, category: str, split: str) -> ObjectRenders:
     """Objects of one category and split from the NMR npz files in data_cfg.source_path."""
     name, cap = resolve_request(data_cfg, category, split)
-    folder = Path(str(data_cfg.source_path)) if str(data_cfg.source_path) else None
-    if folder is None or not folder.is_dir():
-        raise FileNotFoundError(
-            f"NMR folder not found: {str(folder) if folder else '(data.source_path is empty)'}; "
-            "set data.source_path to the folder with the <synset>_<split>_images.npz files"
-        )
+    folder = source_folder(data_cfg, "NMR", "set data.source_path to the folder with the <synset>_<split>_images.npz files")
     if int(data_cfg.views) != NMR_NUM_VIEWS or int(data_cfg.render_size) != NMR_IMAGE_SIZE:
         raise ValueError(
             f"the NMR renders have {NMR_NUM_VIEWS} views of {NMR_IMAGE_SIZE}x{NMR_IMAGE_SIZE}; set "

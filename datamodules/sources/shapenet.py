@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from datamodules.sources.base import resolve_request
+from datamodules.sources.base import resolve_request, source_folder
 from datamodules.sources.base import ObjectRenders, nmr_cameras
 from datamodules.sources.render import cluster_vertices, normalize_vertices, render_objects
 
@@ -80,12 +80,9 @@ def _object_color(seed: int, model_id: str) -> np.ndarray:
 def load_shapenet(data_cfg: Any, category: str, split: str) -> ObjectRenders:
     """Render up to objects_per_split[split] models (<= 0: all) of a category."""
     name, cap = resolve_request(data_cfg, category, split)
-    root = Path(str(data_cfg.source_path)) if str(data_cfg.source_path) else None
-    if root is None or not root.is_dir():
-        raise FileNotFoundError(
-            f"ShapeNetCore folder not found: {str(root) if root else '(data.source_path is empty)'}; "
-            "set data.source_path to the ShapeNetCore root (the folder holding the synset folders)"
-        )
+    root = source_folder(
+        data_cfg, "ShapeNetCore", "set data.source_path to the ShapeNetCore root (the folder holding the synset folders)"
+    )
     synset_dir = root / SYNSETS[name]
     if not synset_dir.is_dir():
         raise FileNotFoundError(f"ShapeNetCore synset folder for {name} not found: expected {synset_dir}")
