@@ -233,3 +233,21 @@ def test_opposite_view_similarity_tells_a_turn_invariant_object_from_one_with_a_
     assert iou == 0.0
     with pytest.raises(ValueError, match="even number"):
         opposite_view_similarity(rgba[:, :3])
+
+
+def test_visible_lost_counts_the_visible_pixels_a_prediction_drops(trained):
+    from amodal3d.bench.evaluate import eval_loader, floor_module
+    from amodal3d.bench.visible_kept import visible_lost
+
+    tmp, cfg, summary, args = trained
+    floor = floor_module(cfg, torch.device("cpu"))
+    keeps = visible_lost(floor, eval_loader(cfg), torch.device("cpu"))
+    assert keeps["count"] > 0 and keeps["pixels"] < 0.01  # the visible mask itself, up to resampling
+
+    class Empty(type(floor)):
+        def predict_amodal(self, batch):
+            return torch.zeros_like(batch["visible"]).float()
+
+    empty = Empty(floor.cfg)
+    assert visible_lost(empty, eval_loader(cfg), torch.device("cpu")) == {"pixels": 1.0, "instances": 1.0,
+                                                                          "count": keeps["count"]}
