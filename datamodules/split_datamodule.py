@@ -4,7 +4,7 @@ each of Lightning's loader hooks reads."""
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from typing import Any
 
 import lightning as L
@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
-class SplitDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule, ABC):
+    """Subclasses say how one split's dataset and its DataLoader are made."""
+
     def __init__(self, data_cfg: Any, loader_cfg: Any, verify: bool = True) -> None:
         super().__init__()
         self.data_cfg, self.loader_cfg = data_cfg, loader_cfg

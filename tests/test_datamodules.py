@@ -193,3 +193,16 @@ def test_collate_packs_one_buffer_and_matches_default_collate(erase_cfg):
     assert all(torch.equal(again[k], ref[k]) for k in ref)
     packed["rgb"] = packed["rgb"] * 2  # edited batches pickle as plain dicts, edits kept
     assert torch.equal(pickle.loads(pickle.dumps(packed))["rgb"], ref["rgb"] * 2)
+
+
+def test_split_datamodule_needs_its_dataset_and_loader_makers():
+    """A DataModule that forgets make_dataset/make_loader fails when built, not with a
+    None dataset at the first batch."""
+    from datamodules.split_datamodule import SplitDataModule
+
+    class Half(SplitDataModule):
+        def make_dataset(self, split):
+            return [split]
+
+    with pytest.raises(TypeError, match="make_loader"):
+        Half(DataConfig(), LoaderConfig())
