@@ -23,6 +23,12 @@ def as_config(cfg) -> DictConfig:
     return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
 
 
+def with_schema_defaults(model_cfg, schema) -> DictConfig:
+    """A stage's model config completed with the schema's defaults: a checkpoint
+    written before a key existed still loads, and behaves as it was trained."""
+    return OmegaConf.merge(OmegaConf.structured(schema), model_cfg)
+
+
 def build_optimizer(module: L.LightningModule, cfg: DictConfig, params=None):
     """AdamW over `params` (default: trainable parameters) with an optional cosine schedule."""
     params = params if params is not None else [p for p in module.parameters() if p.requires_grad]

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from amodal3d.categories import CATEGORIES
-from lightning_modules.common import AmodalStage, as_config, build_optimizer
+from lightning_modules.common import AmodalStage, as_config, build_optimizer, with_schema_defaults
 from lightning_modules.registry import StageSpec
 from models.camera_head import CameraHead
 from models.encoder import CropEncoder, crop_channels
@@ -67,6 +68,8 @@ class ReconModelConfig:
     camera_hypotheses: int = 1  # > 1: camera multiplex, the best-fitting hypothesis is used
     select_size: int = 16  # resolution at which the multiplex hypotheses are compared
     select_prior: float = 0.0  # weight of the score's -log p in the selection: breaks near-ties consistently
+    select_tie_margin: float = 0.0  # > 0: hypotheses within this silhouette loss of the best tie; the score picks
+    select_tie_start_step: int = 0  # training step from which the score breaks those ties (before: at random)
     elevation_range: list[float] = field(default_factory=lambda: [0.0, 60.0])
     distance_range: list[float] = field(default_factory=lambda: [2.2, 3.2])
     render_size: int = 32  # resolution of the silhouette losses
@@ -110,6 +113,8 @@ class ReconNet(nn.Module):
         self.use_occluded = bool(m.use_occluded)
         self.select_size = int(m.select_size)
         self.select_prior = float(m.select_prior)
+        self.tie_margin = float(m.select_tie_margin)
+        self.break_ties = self.tie_margin > 0  # switched off by the stage before select_tie_start_step
         self.loss_weights = (float(m.w_iou), float(m.w_mse))
         self.encoder = CropEncoder(
             backbone=str(m.backbone), in_chans=4 + self.use_occluded, feat_dim=int(m.feat_dim),
@@ -157,7 +162,11 @@ class ReconNet(nn.Module):
         """(camera (B,3), best (B,)): the hypothesis whose render (at select_size, no
         gradient) has the lowest masked silhouette loss against the visible mask, plus
         select_prior x the score's -log p (silhouettes seen from opposite sides often
-        fit equally well; the score, which also sees the RGB, then decides)."""
+        fit equally well; the score, which also sees the RGB, then decides).
+        With a tie margin (and break_ties on), every hypothesis within the margin of
+        the lowest loss counts as a tie and the highest score among them wins: a
+        convention shared by all instances, which the score can learn from the RGB
+        (screens, windows), instead of a per-instance coin toss."""
         hyp = out["hypotheses"]
         b, k, _ = hyp.shape
         if k == 1:
@@ -174,6 +183,11 @@ class ReconNet(nn.Module):
             if tie_noise > 0:
                 err = err + tie_noise * torch.rand_like(err)
             best = err.argmin(dim=1)
+            if self.break_ties:
+                tied = err <= err.min(dim=1, keepdim=True).values + self.tie_margin
+                by_score = out["logits"].detach().masked_fill(~tied, float("-inf")).argmax(dim=1)
+                out["tie_broken"] = (by_score != best).float()
+                best = by_score
         return hyp[torch.arange(b, device=hyp.device), best], best
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -195,25 +209,41 @@ class ReconNet(nn.Module):
 
 def camera_errors(rows: torch.Tensor, num_categories: int) -> dict[str, torch.Tensor]:
     """Camera and shape errors from per-instance rows (category, az, el, dist
-    predicted, az, el, dist true, chamfer).
+    predicted, az, el, dist true, chamfer[, same-picture views]).
 
     The learned canonical frame of each category is arbitrary, so besides the raw
     azimuth error the errors are also reported after one global azimuth offset per
     category (the offset, on a 1 degree grid, that minimises that category's mean
     error on the evaluated split itself). acc30: share of instances within 30 deg.
-    az_err_aligned_sym folds front/back flips (min(e, 180 - e)): a diagnostic for
-    objects whose silhouettes are nearly the same from opposite sides.
+    az_err_aligned_sym folds front/back flips (min(e, 180 - e)) of every instance: a
+    diagnostic for objects whose silhouettes are nearly the same from opposite sides.
+    Optional columns 8.. (V of them): 1 for each of V equally spaced azimuths
+    (360 k / V) whose view is the same picture as the true one (TrueMeshes.same_views;
+    a NaN row: unknown). az_err_symaware is then the error to the nearest of those
+    azimuths, with its own offset per category: the error no method can avoid is not
+    counted, everything a method could see still is. views_with_twin: share of
+    instances whose view has such a twin.
     """
     cat = rows[:, 0].long()
     pred, true = rows[:, 1:4], rows[:, 4:7]
+    same = rows[:, 8:]
+    known = ~torch.isnan(same).any(dim=1) if same.shape[1] else torch.zeros_like(cat, dtype=torch.bool)
+    view_az = torch.arange(same.shape[1], dtype=rows.dtype, device=rows.device) * (360.0 / max(same.shape[1], 1))
     raw = azimuth_difference(pred[:, 0], true[:, 0])
-    aligned = raw.clone()
+    aligned, symaware = raw.clone(), raw.clone()
     grid = torch.arange(360, dtype=rows.dtype, device=rows.device)
     for c in range(num_categories):
         sel = cat == c
-        if sel.any():
-            err = azimuth_difference(pred[sel, 0][None] + grid[:, None], true[sel, 0][None])  # (360, n)
-            aligned[sel] = err[err.mean(dim=1).argmin()]
+        if not sel.any():
+            continue
+        shifted = pred[sel, 0][None] + grid[:, None]  # (360, n)
+        err = azimuth_difference(shifted, true[sel, 0][None])
+        aligned[sel] = err[err.mean(dim=1).argmin()]
+        if known[sel].any():
+            to_views = azimuth_difference(shifted[..., None], view_az)  # (360, n, V)
+            twins = torch.where(same[sel] == 1, to_views, torch.full_like(to_views, float("inf"))).amin(-1)
+            err = torch.where(known[sel][None], twins, err)
+            symaware[sel] = err[err.mean(dim=1).argmin()]
     out = {
         "az_err_raw": raw.mean(),
         "az_err_aligned": aligned.mean(),
@@ -223,6 +253,9 @@ def camera_errors(rows: torch.Tensor, num_categories: int) -> dict[str, torch.Te
         "el_err": (pred[:, 1] - true[:, 1]).abs().mean(),
         "dist_err": (pred[:, 2] - true[:, 2]).abs().mean(),
     }
+    if known.any():
+        out["az_err_symaware"] = symaware.mean()
+        out["views_with_twin"] = ((same[known] == 1).sum(dim=1) > 1).float().mean()
     chamfer = rows[:, 7]
     if torch.isfinite(chamfer).any():
         out["chamfer"] = chamfer[torch.isfinite(chamfer)].mean()
@@ -234,7 +267,7 @@ class TrueMeshes:
 
     synth13 objects are regenerated from (category, split, index, seed), which the
     manifest's `objects` table gives for every split-wide object id; other sources
-    keep no meshes in the dataset, so `get` returns None for them.
+    keep no meshes in the dataset, so `get` and `same_views` return None for them.
     """
 
     def __init__(self, root) -> None:
@@ -247,35 +280,63 @@ class TrueMeshes:
         gen = manifest.get("generator", {})
         self.enabled = gen.get("source") == "synth13" and "objects" in manifest
         self.seed = int(gen.get("seed", 0))
+        self.views = int(gen.get("views", 24))
+        self.render_size = int(gen.get("render_size", 64))
         self.objects = manifest.get("objects", {})
         self._cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._same: dict[tuple[str, int], np.ndarray] = {}
 
     def __bool__(self) -> bool:
         return self.enabled
 
-    def _lookup(self, split: str, object_id: int) -> tuple[str, int] | None:
+    def _object(self, split: str, object_id: int):
+        """The regenerated synth13 object behind a split-wide object id (None: unknown)."""
+        from datamodules.sources.synth13 import synth_object
+
         for cat, info in self.objects.get(split, {}).items():
             k = object_id - int(info["offset"])
             if 0 <= k < int(info["count"]):
-                return cat, k
+                return synth_object(cat, split, k, self.seed)
         return None
 
     def get(self, split: str, object_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        from datamodules.sources.synth13 import synth_object
-
         if not self.enabled:
             return None
         meshes = []
         for oid in object_ids.tolist():
             key = (split, int(oid))
             if key not in self._cache:
-                found = self._lookup(split, int(oid))
-                if found is None:
+                obj = self._object(split, int(oid))
+                if obj is None:
                     return None
-                obj = synth_object(found[0], split, found[1], self.seed)
                 self._cache[key] = (torch.from_numpy(obj.verts).float(), torch.from_numpy(obj.faces).long())
             meshes.append(self._cache[key])
         return meshes
+
+    def same_views(self, split: str, object_ids: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor | None:
+        """(B, V) 1 for every one of the object's V views that is the same picture as the
+        instance's own view (metrics.view_symmetry.same_picture on the object's renders,
+        the view itself included), else 0; a NaN row for an azimuth between views or
+        an unknown object; None without true meshes."""
+        from datamodules.sources.base import nmr_cameras
+        from datamodules.sources.synth13 import render_synth_objects
+        from metrics.view_symmetry import same_picture
+
+        if not self.enabled:
+            return None
+        out = torch.full((len(object_ids), self.views), float("nan"))
+        step = 360.0 / self.views
+        for i, (oid, az) in enumerate(zip(object_ids.tolist(), azimuth.tolist())):
+            key = (split, int(oid))
+            if key not in self._same:
+                obj = self._object(split, int(oid))
+                if obj is None:  # not in the manifest: unknown, like an azimuth between views
+                    continue
+                self._same[key] = same_picture(render_synth_objects([obj], nmr_cameras(self.views), self.render_size))[0]
+            view = az / step
+            if abs(view - round(view)) < 1e-3:
+                out[i] = torch.from_numpy(self._same[key][int(round(view)) % self.views].astype(np.float32))
+        return out
 
 
 def _normalise_points(p: torch.Tensor) -> torch.Tensor:
@@ -321,7 +382,7 @@ class ReconStage(AmodalStage):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         cfg = as_config(cfg)
-        m = cfg.model
+        m = with_schema_defaults(cfg.model, ReconModelConfig)
         if int(m.render_size) < 8:
             raise ValueError(f"model.render_size={m.render_size}: use at least 8 pixels")
         if not 0.0 <= float(m.rgb_dropout) <= 1.0:
@@ -384,6 +445,7 @@ class ReconStage(AmodalStage):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         m = self.m
         self.net.offset_scale = self.offset_scale(self.global_step)
+        self.net.break_ties = self.net.tie_margin > 0 and self.global_step >= int(m.select_tie_start_step)
         size = int(m.render_size)
         x = self._drop_rgb(self.net.inputs(batch))
         out = self.net.encode(x, batch["category"])
@@ -400,6 +462,9 @@ class ReconStage(AmodalStage):
         shape_idx = torch.cat([rows, a, bb])
         view_idx = torch.cat([rows, bb, a])
         sil = self.net.render(verts[shape_idx], camera[view_idx], box[view_idx], size)
+        # the render's cost: meshes on pytorch3d's slow exact path, pixels of the sparse windows
+        self.log("train/exact_render_rows", float(self.net.renderer.last_exact_rows), batch_size=b)
+        self.log("train/render_window_mpx", self.net.renderer.last_window_pixels / 1e6, batch_size=b)
         sil_err = silhouette_loss(sil, target[view_idx], weight[view_idx], m.w_iou, m.w_mse)
         losses = {"silhouette": sil_err[:b].mean()}
         if out["logits"].shape[1] > 1:
@@ -410,6 +475,8 @@ class ReconStage(AmodalStage):
                 losses["shape_consistency"] = F.mse_loss(out["offsets"][a], out["offsets"][bb]) / m.max_offset**2
         losses.update(self.regularisers(verts))
         losses["azimuth_uniform"] = azimuth_uniformity(camera[:, 0])
+        if "tie_broken" in out:  # share of instances whose near-tie the score decided
+            self.log("train/tie_broken", out["tie_broken"].mean(), batch_size=b)
         if (m.w_cycle_camera > 0 or m.w_cycle_shape > 0) and self.global_step >= int(m.cycle_start_step):
             losses.update(self._cycle(batch, out))
         weights = {
@@ -444,10 +511,10 @@ class ReconStage(AmodalStage):
         out, sil = self._last["out"], self._last["sil"]
         vis_metric.update(visible_iou(sil, batch["visible"], batch["occluded"]))
         true = batch["eval_camera"].float()
-        chamfer = self._chamfer(out, batch, split)
-        cam_metric.update(
-            torch.cat([batch["category"].float()[:, None], out["camera"].detach(), true, chamfer[:, None]], dim=1)
-        )
+        chamfer, same = self._chamfer(out, batch, split), self._same_views(batch, split)
+        cam_metric.update(torch.cat(
+            [batch["category"].float()[:, None], out["camera"].detach(), true, chamfer[:, None], same], dim=1
+        ))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metric, self.val_visible_iou, self.val_cameras)
@@ -455,21 +522,32 @@ class ReconStage(AmodalStage):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metric, self.test_visible_iou, self.test_cameras)
 
-    def _chamfer(self, out: dict, batch: dict, split: str) -> torch.Tensor:
-        """(B,) Chamfer distance to the true mesh in the camera frames (NaN: unknown)."""
-        nan = torch.full((out["verts"].shape[0],), float("nan"), device=out["verts"].device)
+    def _truth(self) -> "TrueMeshes | bool":
+        """The dataset's true meshes (False: none), looked up once."""
         if self._true_meshes is None:
             trainer = getattr(self, "_trainer", None)
             root = getattr(trainer.datamodule, "root", None) if trainer is not None else None
             self._true_meshes = TrueMeshes(root) if root else False
-        if not self._true_meshes:
-            return nan
-        meshes = self._true_meshes.get(split, batch["object_id"])
+        return self._true_meshes
+
+    def _chamfer(self, out: dict, batch: dict, split: str) -> torch.Tensor:
+        """(B,) Chamfer distance to the true mesh in the camera frames (NaN: unknown)."""
+        nan = torch.full((out["verts"].shape[0],), float("nan"), device=out["verts"].device)
+        meshes = self._truth().get(split, batch["object_id"]) if self._truth() else None
         if meshes is None:
             return nan
         return view_frame_chamfer(
             out["verts"].detach(), self.net.faces, out["camera"].detach(), meshes, batch["eval_camera"].float()
         )
+
+    def _same_views(self, batch: dict, split: str) -> torch.Tensor:
+        """(B,V) the views that are the same picture as each instance's (TrueMeshes.same_views);
+        (B,0) without true meshes."""
+        dev = batch["eval_camera"].device
+        same = None
+        if self._truth():
+            same = self._truth().same_views(split, batch["object_id"].cpu(), batch["eval_camera"][:, 0].cpu())
+        return torch.zeros((len(batch["eval_camera"]), 0), device=dev) if same is None else same.to(dev)
 
     def _log_cameras(self, cam_metric, prefix: str) -> None:
         rows = cam_metric.compute() if cam_metric.update_count else None

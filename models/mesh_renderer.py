@@ -104,7 +104,8 @@ def _window_log_keep(tri: torch.Tensor, origin: torch.Tensor, w: int, size: int,
 
 
 def sparse_soft_silhouette(
-    xy: torch.Tensor, faces: torch.Tensor, size: int, sigma: float, blur_radius: float
+    xy: torch.Tensor, faces: torch.Tensor, size: int, sigma: float, blur_radius: float,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """(B,S,S) SoftRas silhouettes 1 - prod_f (1 - sigmoid(-d_f/sigma)) over every face
     within blur_radius of a pixel, from NDC vertices xy (B,V,2) and faces (F,3) or
@@ -115,7 +116,8 @@ def sparse_soft_silhouette(
     faces cover, not pixels x faces as in pytorch3d's CPU rasteriser. It equals
     pytorch3d's MeshRasterizer + SoftSilhouetteShader whenever no pixel has more
     than faces_per_pixel faces within the blur radius (elsewhere it counts them
-    all, as SoftRas does)."""
+    all, as SoftRas does). `stats`, if given, gets "window_pixels": the pixels
+    evaluated (the work, forward and backward, grows with it)."""
     b = xy.shape[0]
     if faces.ndim == 2:
         faces = faces[None].expand(b, -1, -1)
@@ -130,6 +132,8 @@ def sparse_soft_silhouette(
         extent = (torch.minimum(hi, torch.full_like(hi, float(size))) - lo).max(dim=1).values + 1
         extent = extent.clamp(1, size + 1)
         bucket = torch.exp2(torch.ceil(torch.log2(extent))).long()
+    if stats is not None:
+        stats["window_pixels"] = int((bucket * bucket).sum())
     values, index = [], []
     for w in bucket.unique().tolist():
         sel = (bucket == w).nonzero(as_tuple=True)[0]
@@ -146,7 +150,9 @@ class SparseSoftSilhouette(nn.Module):
     """SoftRas silhouettes by per-face windows (see sparse_soft_silhouette): the
     interface of SoftSilhouetteRenderer, several times faster on the CPU than a
     pixels x faces rasteriser at the crop sizes used here. A mesh reaching the
-    camera's near plane goes to the exact pytorch3d path."""
+    camera's near plane goes to the exact pytorch3d path (that mesh only: its
+    backward is some 100x slower; `last_exact_rows` counts them). `last_stats`
+    holds the latest call's window work (sparse_soft_silhouette's stats)."""
 
     def __init__(self, image_size: int, sigma: float = 1e-4, faces_per_pixel: int = 10,
                  blur_radius: float | None = None) -> None:
@@ -160,10 +166,21 @@ class SparseSoftSilhouette(nn.Module):
         verts = meshes.verts_padded()
         ndc = cameras.transform_points(verts)
         depth = cameras.get_world_to_view_transform().transform_points(verts)[..., 2]
-        if float(depth.detach().min()) <= float(torch.as_tensor(cameras.get_znear()).max()):
-            return self.exact(meshes, cameras)
-        return sparse_soft_silhouette(ndc[..., :2], meshes.faces_padded(), self.image_size, self.sigma,
-                                      self.blur_radius)
+        znear = torch.as_tensor(cameras.get_znear(), device=depth.device, dtype=depth.dtype).reshape(-1, 1)
+        near = (depth.detach() <= znear).any(dim=1)  # (B,) meshes reaching the near plane
+        self.last_exact_rows = int(near.sum())
+        self.last_stats = {"window_pixels": 0}
+        if not near.any():
+            return sparse_soft_silhouette(ndc[..., :2], meshes.faces_padded(), self.image_size, self.sigma,
+                                          self.blur_radius, self.last_stats)
+        # only the meshes reaching the plane take the exact (slow) path
+        sil = verts.new_zeros(verts.shape[0], self.image_size, self.image_size)
+        far, rows = (~near).nonzero(as_tuple=True)[0], near.nonzero(as_tuple=True)[0]
+        if len(far):
+            sil = sil.index_put((far,), sparse_soft_silhouette(
+                ndc[far][..., :2], meshes.faces_padded()[far], self.image_size, self.sigma, self.blur_radius,
+                self.last_stats))
+        return sil.index_put((rows,), self.exact(meshes[rows.tolist()], cameras[rows]))
 
 
 def make_silhouette_renderer(
@@ -210,7 +227,10 @@ def make_cameras(camera: torch.Tensor, place: torch.Tensor | None = None, fov: f
     r, t = view_transform(camera)
     if place is None:
         return FoVPerspectiveCameras(R=r, T=t, fov=fov, znear=ZNEAR, zfar=ZFAR, device=camera.device)
-    return FoVPerspectiveCameras(R=r, T=t, K=projection_matrix(place, fov), device=camera.device)
+    # znear/zfar as in K: without them the camera reports pytorch3d's default znear of 1,
+    # and every mesh with a vertex within 1 of the camera looked as if it crossed the near plane
+    return FoVPerspectiveCameras(R=r, T=t, K=projection_matrix(place, fov), znear=ZNEAR, zfar=ZFAR,
+                                 device=camera.device)
 
 
 @float32_geometry
@@ -277,6 +297,8 @@ class CropRenderer(nn.Module):
         self.backend = backend
         self.fov = fov
         self._renderers: dict[int, nn.Module] = {}
+        self.last_exact_rows = 0  # meshes of the latest call that took the slow exact path
+        self.last_window_pixels = 0  # pixels the sparse renderer evaluated in the latest call
 
     def _renderer(self, size: int) -> nn.Module:
         if size not in self._renderers:
@@ -293,4 +315,8 @@ class CropRenderer(nn.Module):
         if faces.ndim == 2:
             faces = faces[None].expand(verts.shape[0], -1, -1)
         meshes = Meshes(verts=verts, faces=faces)
-        return self._renderer(int(size))(meshes, make_cameras(camera, place, self.fov))
+        renderer = self._renderer(int(size))
+        sil = renderer(meshes, make_cameras(camera, place, self.fov))
+        self.last_exact_rows = int(getattr(renderer, "last_exact_rows", 0))
+        self.last_window_pixels = int(getattr(renderer, "last_stats", {}).get("window_pixels", 0))
+        return sil

@@ -219,7 +219,7 @@ def test_hardest_cases_are_the_lowest_iou_instances_per_category(trained):
 
 
 def test_opposite_view_similarity_tells_a_turn_invariant_object_from_one_with_a_front():
-    from amodal3d.bench.symmetry import opposite_view_similarity
+    from metrics.view_symmetry import opposite_view_similarity
 
     v, s = 4, 16
     rgba = np.zeros((2, v, s, s, 4), np.uint8)
@@ -233,6 +233,21 @@ def test_opposite_view_similarity_tells_a_turn_invariant_object_from_one_with_a_
     assert iou == 0.0
     with pytest.raises(ValueError, match="even number"):
         opposite_view_similarity(rgba[:, :3])
+
+
+def test_same_picture_pairs_a_table_view_with_its_opposite_and_no_chair_view():
+    """The symmetry-aware azimuth error forgives exactly the views no method can tell
+    apart: a synth13 table's view and the view half-way round, none of a chair's."""
+    from datamodules.sources.base import nmr_cameras
+    from datamodules.sources.synth13 import render_synth_objects, synth_object
+    from metrics.view_symmetry import same_picture
+
+    objs = [synth_object("table", "test", 0, 0), synth_object("chair", "test", 0, 0)]
+    same = same_picture(render_synth_objects(objs, nmr_cameras(24), 64))
+    k = np.arange(24)
+    assert same.shape == (2, 24, 24) and same[:, k, k].all()
+    assert same[0, k, (k + 12) % 24].all() and not same[1, k, (k + 12) % 24].any()
+    assert same[1].sum() == 24  # each chair view is only itself
 
 
 def test_visible_lost_counts_the_visible_pixels_a_prediction_drops(trained):

@@ -156,6 +156,37 @@ def test_multiplex_picks_the_hypothesis_that_explains_the_silhouette():
     assert best.tolist() == [2] and torch.equal(camera[0], hyp[0, 2])
 
 
+def test_tie_margin_lets_the_score_decide_only_among_near_ties():
+    torch.manual_seed(0)
+    over = ["model.camera_hypotheses=4", "model.select_size=32", "model.select_tie_margin=0.02"]
+    stage = ReconStage(_cfg(overrides=over)).eval()
+    batch = synthetic_batch(objects=1, views=1)
+    net = stage.net
+    assert net.break_ties
+    with torch.no_grad():
+        out = net.encode(net.inputs(batch), batch["category"])
+        # an ellipsoid looks the same from opposite sides: hypotheses 1 and 2 tie exactly
+        verts, faces = _ellipsoid((1.0, 0.5, 0.35))
+        net.decoder.register_buffer("faces", faces, persistent=False)
+        out["verts"] = net.decoder.normalise(verts[None])
+        true = batch["eval_camera"][0]
+        out["hypotheses"] = torch.stack([true + torch.tensor([d, 0.0, 0.0]) for d in (60.0, 180.0, 0.0, 270.0)])[None]
+        out["logits"] = torch.tensor([[5.0, 1.0, 0.0, 4.0]])  # the clear losers score highest
+        _, best = net.select_camera(out, batch, net.target_box(batch))
+        assert best.tolist() == [1] and out["tie_broken"].tolist() in ([0.0], [1.0])
+        out["logits"] = torch.tensor([[5.0, 0.0, 1.0, 4.0]])
+        assert net.select_camera(out, batch, net.target_box(batch))[1].tolist() == [2]
+
+
+def test_a_checkpoint_config_from_before_a_model_key_existed_still_builds():
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.to_container(_cfg(overrides=["model.camera_hypotheses=4"]))
+    del old["model"]["select_tie_margin"], old["model"]["select_tie_start_step"]
+    stage = ReconStage(old)  # what load_from_checkpoint passes: the stored plain dict
+    assert stage.m.select_tie_margin == 0.0 and not stage.net.break_ties
+
+
 def test_fit_placement_puts_the_projection_on_the_box():
     verts, faces = _ellipsoid((1.0, 0.6, 0.4))
     verts = verts[None].repeat(3, 1, 1)
@@ -222,6 +253,30 @@ def test_camera_errors_align_one_offset_per_category():
     assert err["az_err_aligned"].item() == pytest.approx(0.0, abs=1e-3)
     assert err["el_err"].item() == pytest.approx(5.0)
     assert "chamfer" not in err
+
+
+def test_symmetry_aware_azimuth_counts_the_error_to_the_nearest_view_of_the_same_picture():
+    v = 24
+    true = torch.arange(0, 360, 15.0).repeat(3)
+    cat = torch.tensor([0] * v + [1] * v + [2] * v).float()
+    flip = (torch.arange(3 * v) % 2 == 1).float() * 180.0  # every other instance seen as from behind
+    pred = torch.remainder(true + 30.0 + flip, 360)
+    k = torch.arange(v)
+    same = torch.zeros(3 * v, v)
+    same[k, k] = same[k, (k + v // 2) % v] = 1  # category 0: each view and its opposite are one picture
+    same[v + k, k] = 1  # category 1: every view is its own picture
+    same[2 * v:] = 1  # category 2: the same picture from every side (a turned lamp)
+    fill = torch.full_like(pred, 1.0)
+    rows = torch.cat([torch.stack([cat, pred, 30 * fill, 2.7 * fill, true, 30 * fill, 2.7 * fill,
+                                   fill * float("nan")], 1), same], 1)
+    err = camera_errors(rows, num_categories=13)
+    assert err["az_err_aligned"].item() == pytest.approx(90.0, abs=1e-3)  # half the instances off by 180
+    # category 0 is forgiven its flips (0 deg), category 1 is not (90), category 2 everything (0)
+    assert err["az_err_symaware"].item() == pytest.approx(30.0, abs=1e-3)
+    assert err["views_with_twin"].item() == pytest.approx(2 / 3)
+    rows[:v, 8:] = float("nan")  # unknown: category 0 counts its flips again
+    assert camera_errors(rows, num_categories=13)["az_err_symaware"].item() == pytest.approx(60.0, abs=1e-3)
+    assert "az_err_symaware" not in camera_errors(rows[:, :8], num_categories=13)
 
 
 def test_view_frame_chamfer_is_zero_for_the_true_mesh_and_view():
@@ -312,7 +367,8 @@ def test_fast_dev_run_through_the_runner(tiny_root, tmp_path):
     summary = train_from_args("recon", None, _tiny_overrides(tmp_path, tiny_root), None, debug="fdr")
     assert summary["global_step"] == 1
     assert math.isfinite(summary["metrics"]["train/loss"])
-    for key in ("val/miou", "val/visible_iou", "val/az_err_raw", "val/az_err_aligned", "val/chamfer"):
+    for key in ("val/miou", "val/visible_iou", "val/az_err_raw", "val/az_err_aligned", "val/chamfer",
+                "val/az_err_symaware"):
         assert key in summary["metrics"] and math.isfinite(summary["metrics"][key]), key
 
 
@@ -357,6 +413,7 @@ def test_mesh_sheet_shows_every_category_with_its_true_mesh(tiny_root, tmp_path)
                                             true_meshes=TrueMeshes(tiny_root))
     assert sorted(cases) == ["car", "chair"] and all(len(v) == 1 for v in cases.values())
     assert errors["instances"] == 12 and 0 <= errors["az_err_aligned"] <= 180 and errors["chamfer"] > 0
+    assert 0 <= errors["views_with_twin"] <= 1 and errors["az_err_symaware"] <= errors["az_err_aligned"] + 1e-6
     assert sorted(errors["per_category"]) == ["car", "chair"]
     assert cases["car"][0]["verts"].shape == (stage.net.decoder.num_verts, 3)
     png = mesh_sheet(cases, TrueMeshes(tiny_root), tmp_path / "meshes.png", size=48)

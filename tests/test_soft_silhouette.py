@@ -263,3 +263,46 @@ def test_sparse_window_renderer_matches_pytorch3d():
     assert a_ref.max() > 0.9 and a_ref.min() < 0.1  # the meshes are in view and not covering everything
     assert (a_sparse - a_ref).abs().max() < 1e-4
     assert (g_sparse - g_ref).norm() / g_ref.norm() < 1e-4
+
+
+def test_sparse_renderer_sends_only_meshes_at_the_near_plane_to_pytorch3d():
+    """A placed crop camera keeps znear = 0.1 (it used to report pytorch3d's default 1,
+    so a long mesh 2.2 away sent the whole batch down the ~100x slower exact path);
+    a mesh that does reach the near plane takes the exact path alone."""
+    from pytorch3d.utils import ico_sphere
+
+    from models.mesh_renderer import ZNEAR, make_cameras, make_silhouette_renderer
+
+    ico = ico_sphere(2)
+    verts = ico.verts_packed()[None].repeat(3, 1, 1) * torch.tensor([0.3, 0.3, 1.3])  # long along z
+    faces = ico.faces_packed()[None].repeat(3, 1, 1)
+    camera = torch.tensor([[0.0, 0.0, 2.2], [0.0, 0.0, 1.25], [90.0, 10.0, 2.2]])  # row 1: the tip passes the camera
+    place = torch.tensor([[1.0, 0.0, 0.0]]).repeat(3, 1)
+    cams = make_cameras(camera, place)
+    assert torch.allclose(torch.as_tensor(cams.get_znear()), torch.tensor(ZNEAR))
+    renderer = make_silhouette_renderer(32, sigma=1e-4, faces_per_pixel=100, backend="sparse")
+    v = verts.clone().requires_grad_(True)
+    alpha = renderer(Meshes(v, faces), cams)
+    assert renderer.last_exact_rows == 1 and renderer.last_stats["window_pixels"] > 0
+    alpha.sum().backward()
+    assert torch.isfinite(v.grad).all() and v.grad[1].abs().sum() > 0
+    with torch.no_grad():
+        alone = renderer(Meshes(verts[[0, 2]], faces[[0, 2]]), make_cameras(camera[[0, 2]], place[[0, 2]]))
+        assert renderer.last_exact_rows == 0  # the tip 0.9 from the camera is no longer "near"
+        exact = renderer.exact(Meshes(verts[[1]], faces[[1]]), make_cameras(camera[[1]], place[[1]]))
+    assert torch.allclose(alpha[[0, 2]].detach(), alone) and torch.allclose(alpha[1].detach(), exact[0])
+
+
+def test_sparse_renderer_reports_its_window_work():
+    """`window_pixels` (logged as train/render_window_mpx) grows with the faces' projected size."""
+    from pytorch3d.utils import ico_sphere
+
+    from models.mesh_renderer import sparse_soft_silhouette
+
+    ico = ico_sphere(2)
+    xy = ico.verts_packed()[None, :, :2] * 0.3
+    faces = ico.faces_packed()
+    small, large = {}, {}
+    sparse_soft_silhouette(xy, faces, 32, 1e-4, 1e-3, small)
+    sparse_soft_silhouette(xy * 3, faces, 32, 1e-4, 1e-3, large)
+    assert len(faces) <= small["window_pixels"] < large["window_pixels"]

@@ -51,7 +51,9 @@ def collect_reconstructions(stage, loader, device: torch.device, per_category: i
         meshes = true_meshes.get("test", batch["object_id"]) if true_meshes else None
         if meshes is not None:
             chamfer = view_frame_chamfer(out["verts"], stage.net.faces, out["camera"], meshes, true_cam)
-        rows.append(torch.cat([batch["category"].float()[:, None], out["camera"], true_cam, chamfer[:, None]], 1).cpu())
+        same = true_meshes.same_views("test", batch["object_id"].cpu(), true_cam[:, 0].cpu()) if true_meshes else None
+        row = torch.cat([batch["category"].float()[:, None], out["camera"], true_cam, chamfer[:, None]], 1).cpu()
+        rows.append(row if same is None else torch.cat([row, same], 1))
         for i in range(len(true_cam)):
             c = int(batch["category"][i])
             if len(found.setdefault(c, [])) < per_category:
@@ -79,11 +81,14 @@ def errors_markdown(errors: dict) -> str:
     lines += [f"| {k} | {v:.4g} |" for k, v in errors.items() if not isinstance(v, dict)]
     per = errors.get("per_category", {})
     if per:
-        lines += ["", "| category | azimuth error (aligned) | median | within 30 deg | modulo 180 deg | elevation error |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| category | azimuth error (aligned) | median | within 30 deg | modulo 180 deg | "
+                  "symmetry-aware | views with a twin | elevation error |", "|---|---|---|---|---|---|---|---|"]
         for cat, e in per.items():
+            sym = (f"{e['az_err_symaware']:.1f} | {100 * e['views_with_twin']:.0f}%" if "az_err_symaware" in e
+                   else "n/a | n/a")
             lines.append(f"| {cat} | {e['az_err_aligned']:.1f} | {e['az_median_aligned']:.1f} | "
-                         f"{100 * e['az_acc30_aligned']:.0f}% | {e['az_err_aligned_sym']:.1f} | {e['el_err']:.1f} |")
+                         f"{100 * e['az_acc30_aligned']:.0f}% | {e['az_err_aligned_sym']:.1f} | {sym} | "
+                         f"{e['el_err']:.1f} |")
     return "\n".join(lines)
 
 

@@ -199,8 +199,9 @@ def render_objects(
         )):
             budget += len(prepared[stop][1]) * v_count
             stop += 1
-        out[start:stop] = _render_chunk(
-            prepared[start:stop], np.ascontiguousarray(cams[start:stop]), image_size, cull_backfaces
-        )
+        with torch.autocast("cpu", enabled=False):  # full precision, also when called inside a bf16 step
+            out[start:stop] = _render_chunk(
+                prepared[start:stop], np.ascontiguousarray(cams[start:stop]), image_size, cull_backfaces
+            )
         start = stop
     return out

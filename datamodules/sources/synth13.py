@@ -44,6 +44,12 @@ def synth_object(category: str, split: str, index: int, seed: int = 0) -> SynthO
     return SynthObject(f"synth-{name}-{split}-{index}", normalize_vertices(verts), faces, colors, params)
 
 
+def render_synth_objects(objects: list[SynthObject], cameras: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, V, size, size, 4): the objects at the (V,3) cameras, as the dataset renders them."""
+    # synth13 primitives are closed and wound outward, so back faces can be culled
+    return render_objects([(o.verts, o.faces, o.colors) for o in objects], cameras, size, cull_backfaces=True)
+
+
 def load_synth13(data_cfg: Any, category: str, split: str) -> ObjectRenders:
     """Generate and render data_cfg.objects_per_split[split] objects of a category."""
     name, count = resolve_request(data_cfg, category, split)
@@ -56,8 +62,7 @@ def load_synth13(data_cfg: Any, category: str, split: str) -> ObjectRenders:
         raise ValueError(f"data.views ({views}) and data.render_size ({size}) must be positive")
     objects = [synth_object(name, split, k, int(data_cfg.seed)) for k in range(count)]
     cams = nmr_cameras(views)
-    # synth13 primitives are closed and wound outward, so back faces can be culled
-    rgba = render_objects([(o.verts, o.faces, o.colors) for o in objects], cams, size, cull_backfaces=True)
+    rgba = render_synth_objects(objects, cams, size)
     return ObjectRenders(
         category=name,
         split=split,
