@@ -387,6 +387,8 @@ class ReconStage(AmodalStage):
             raise ValueError(f"model.render_size={m.render_size}: use at least 8 pixels")
         if not 0.0 <= float(m.rgb_dropout) <= 1.0:
             raise ValueError(f"model.rgb_dropout={m.rgb_dropout}: expected a probability in [0, 1]")
+        if float(m.select_tie_margin) < 0:
+            raise ValueError(f"model.select_tie_margin={m.select_tie_margin}: expected >= 0 (0 turns tie-breaking off)")
         self.m = m
         self.crop_margin = float(cfg.loader.crop_margin)
         self.net = ReconNet(m, num_categories=len(CATEGORIES), crop_size=int(cfg.loader.crop_size))
