@@ -17,6 +17,9 @@ ignoring the pixels known to be occluded. Nothing else supervises it:
   of a batch spread over the circle; optionally a camera multiplex (K azimuth
   sectors: the hypothesis whose render fits the visible mask best is used, in
   training and at test time, and a score learns to rank it first);
+* optionally (model.w_colour > 0) category colour templates (models.appearance): the
+  colours where the visible vertices land join the multiplex choice, for objects
+  whose opposite sides differ in colour more than in silhouette;
 * a warm-up in which the instance offsets are off, so the category template and
   the camera alone must explain the silhouettes (the camera cannot be skipped by
   deforming each instance into its view).
@@ -39,6 +42,7 @@ from torchmetrics.aggregation import CatMetric, MeanMetric
 from amodal3d.categories import CATEGORIES
 from lightning_modules.common import AmodalStage, as_config, build_optimizer, with_schema_defaults
 from lightning_modules.registry import StageSpec
+from models.appearance import ColourTemplates, colour_error, visible_vertices
 from models.camera_head import CameraHead
 from models.encoder import CropEncoder, crop_channels
 from models.mesh_decoder import SymmetricMeshDecoder
@@ -94,6 +98,14 @@ class ReconModelConfig:
     cycle_start_step: int = 300  # the cycle starts once the templates carry shape
     mesh_log_every_n_epochs: int = 5  # TensorBoard meshes (images: run.image_log_every_n_epochs)
     max_train_minutes: float = 0.0  # > 0: stop fitting after this wall-clock time (lightning Timer)
+    w_colour: float = 0.0  # > 0: category colour templates (models.appearance), fitted with this weight
+    colour_select: float = 1.0  # weight of their colour error in the multiplex choice (with w_colour > 0)
+
+
+def observed_pixels(batch: dict) -> torch.Tensor:
+    """(B,1,S,S) where the crop shows the object itself: visible and not known to be occluded."""
+    vis, occ = batch["visible"].float(), batch["occluded"].float()
+    return (vis * (1.0 - occ)).reshape(vis.shape[0], 1, *vis.shape[-2:])
 
 
 class ReconNet(nn.Module):
@@ -132,6 +144,9 @@ class ReconNet(nn.Module):
         self.renderer = CropRenderer(
             sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend)
         )
+        # colour templates only when asked for: checkpoints trained without them keep loading
+        self.appearance = ColourTemplates(num_categories, self.decoder.src) if float(m.w_colour) > 0 else None
+        self.colour_select = float(m.colour_select)
 
     @property
     def faces(self) -> torch.Tensor:
@@ -158,9 +173,22 @@ class ReconNet(nn.Module):
         place = fit_placement(verts, camera, box, self.renderer.fov)
         return self.renderer(verts, self.faces, camera, place, size)
 
+    def colour_error(self, verts: torch.Tensor, camera: torch.Tensor, box: torch.Tensor, category: torch.Tensor,
+                     rgb: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+        """(B,) colour error of the category colour templates on the meshes placed in
+        `box` under `camera`, against the crop's RGB where `observed` (B,1,S,S) holds
+        (models.appearance; the meshes and cameras get no gradient from it)."""
+        verts, camera = verts.detach(), camera.detach()
+        place = fit_placement(verts, camera, box, self.renderer.fov)
+        xy, visible = visible_vertices(verts, self.faces, camera, place)
+        detail, share = self.appearance(category)
+        return colour_error(xy, visible, detail, share, rgb, observed)[0]
+
     def select_camera(self, out: dict, batch: dict, box: torch.Tensor, tie_noise: float = 0.0):
         """(camera (B,3), best (B,)): the hypothesis whose render (at select_size, no
         gradient) has the lowest masked silhouette loss against the visible mask, plus
+        colour_select x the colour templates' error where they exist (a phone's screen
+        tells its front from its back when the silhouettes cannot), plus
         select_prior x the score's -log p (silhouettes seen from opposite sides often
         fit equally well; the score, which also sees the RGB, then decides).
         With a tie margin (and break_ties on), every hypothesis within the margin of
@@ -178,6 +206,12 @@ class ReconNet(nn.Module):
             verts = out["verts"].detach().repeat_interleave(k, 0)
             sil = self.render(verts, hyp.detach().reshape(b * k, 3), box.repeat_interleave(k, 0), size)
             err = silhouette_loss(sil, target, weight, *self.loss_weights).view(b, k)
+            if self.appearance is not None and self.colour_select > 0:
+                col = self.colour_error(
+                    verts, hyp.reshape(b * k, 3), box.repeat_interleave(k, 0), batch["category"].repeat_interleave(k),
+                    batch["rgb"].repeat_interleave(k, 0), observed_pixels(batch).repeat_interleave(k, 0),
+                )
+                err = err + self.colour_select * col.view(b, k)
             if self.select_prior > 0:
                 err = err - self.select_prior * torch.log_softmax(out["logits"].detach(), dim=1)
             if tie_noise > 0:
@@ -214,7 +248,9 @@ def camera_errors(rows: torch.Tensor, num_categories: int) -> dict[str, torch.Te
     The learned canonical frame of each category is arbitrary, so besides the raw
     azimuth error the errors are also reported after one global azimuth offset per
     category (the offset, on a 1 degree grid, that minimises that category's mean
-    error on the evaluated split itself). acc30: share of instances within 30 deg.
+    error on the evaluated split itself). acc30: share of instances within 30 deg;
+    flip_share: share off by more than 135 deg (a front/back flip), quarter_share: off
+    by 45-135 deg (the view turned by about a quarter); uniform guesses give 25% / 50%.
     az_err_aligned_sym folds front/back flips (min(e, 180 - e)) of every instance: a
     diagnostic for objects whose silhouettes are nearly the same from opposite sides.
     Optional columns 8.. (V of them): 1 for each of V equally spaced azimuths
@@ -249,6 +285,8 @@ def camera_errors(rows: torch.Tensor, num_categories: int) -> dict[str, torch.Te
         "az_err_aligned": aligned.mean(),
         "az_median_aligned": aligned.median(),
         "az_acc30_aligned": (aligned < 30).float().mean(),
+        "az_flip_share": (aligned > 135).float().mean(),
+        "az_quarter_share": ((aligned > 45) & (aligned <= 135)).float().mean(),
         "az_err_aligned_sym": torch.minimum(aligned, 180.0 - aligned).mean(),
         "el_err": (pred[:, 1] - true[:, 1]).abs().mean(),
         "dist_err": (pred[:, 2] - true[:, 2]).abs().mean(),
@@ -389,6 +427,9 @@ class ReconStage(AmodalStage):
             raise ValueError(f"model.rgb_dropout={m.rgb_dropout}: expected a probability in [0, 1]")
         if float(m.select_tie_margin) < 0:
             raise ValueError(f"model.select_tie_margin={m.select_tie_margin}: expected >= 0 (0 turns tie-breaking off)")
+        for key in ("w_colour", "colour_select"):
+            if float(m[key]) < 0:
+                raise ValueError(f"model.{key}={m[key]}: expected >= 0 (w_colour=0 turns the colour templates off)")
         self.m = m
         self.crop_margin = float(cfg.loader.crop_margin)
         self.net = ReconNet(m, num_categories=len(CATEGORIES), crop_size=int(cfg.loader.crop_size))
@@ -475,6 +516,12 @@ class ReconStage(AmodalStage):
             losses["swap"] = sil_err[b:].mean()
             if self.net.offset_scale > 0:
                 losses["shape_consistency"] = F.mse_loss(out["offsets"][a], out["offsets"][bb]) / m.max_offset**2
+        if self.net.appearance is not None:  # the colour templates, under the chosen cameras
+            col = self.net.colour_error(verts[shape_idx], camera[view_idx], box[view_idx], batch["category"][shape_idx],
+                                        batch["rgb"][view_idx], observed_pixels(batch)[view_idx])
+            losses["colour"] = col[:b].mean()
+            if len(a):
+                losses["swap_colour"] = col[b:].mean()
         losses.update(self.regularisers(verts))
         losses["azimuth_uniform"] = azimuth_uniformity(camera[:, 0])
         if "tie_broken" in out:  # share of instances whose near-tie the score decided
@@ -486,6 +533,7 @@ class ReconStage(AmodalStage):
             "laplacian": m.w_laplacian, "normal": m.w_normal, "edge": m.w_edge,
             "azimuth_uniform": m.w_azimuth_uniform, "hypothesis": m.w_hypothesis,
             "cycle_camera": m.w_cycle_camera, "cycle_shape": m.w_cycle_shape, "cycle_hypothesis": m.w_hypothesis,
+            "colour": m.w_colour, "swap_colour": m.w_colour,
         }
         loss = sum(weights[k] * v for k, v in losses.items())
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
@@ -572,8 +620,11 @@ class ReconStage(AmodalStage):
         self._log_cameras(self.test_cameras, "test")
 
     def configure_optimizers(self):
+        # the templates (shape, and colour if any) are few parameters with a long way to go
         template = [self.net.decoder.template]
-        rest = [p for p in self.parameters() if p.requires_grad and p is not self.net.decoder.template]
+        if self.net.appearance is not None:
+            template += list(self.net.appearance.parameters())
+        rest = [p for p in self.parameters() if p.requires_grad and all(p is not t for t in template)]
         groups = [
             {"params": rest},
             {"params": template, "lr": float(self.cfg.optim.lr) * float(self.m.template_lr_mult)},

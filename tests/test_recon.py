@@ -255,6 +255,21 @@ def test_camera_errors_align_one_offset_per_category():
     assert err["az_err_aligned"].item() == pytest.approx(0.0, abs=1e-3)
     assert err["el_err"].item() == pytest.approx(5.0)
     assert "chamfer" not in err
+    assert err["az_flip_share"].item() == 0.0 and err["az_quarter_share"].item() == 0.0
+
+
+def test_camera_errors_count_front_back_flips_and_quarter_turns():
+    true = torch.arange(0, 360, 15.0)  # 24 instances of one category
+    # after the best offset (0): 14 right, 5 flipped (180), 5 turned by 90
+    pred = torch.remainder(true + torch.tensor([0.0] * 14 + [180.0] * 5 + [90.0] * 5), 360)
+    rows = torch.stack(
+        [torch.zeros_like(pred), pred, torch.full_like(pred, 30.0), torch.full_like(pred, 2.7), true,
+         torch.full_like(pred, 30.0), torch.full_like(pred, 2.7), torch.full_like(pred, float("nan"))], 1
+    )
+    err = camera_errors(rows, num_categories=13)
+    assert err["az_flip_share"].item() == pytest.approx(5 / 24)
+    assert err["az_quarter_share"].item() == pytest.approx(5 / 24)
+    assert err["az_err_aligned"].item() == pytest.approx((5 * 180 + 5 * 90) / 24, abs=1e-3)
 
 
 def test_symmetry_aware_azimuth_counts_the_error_to_the_nearest_view_of_the_same_picture():

@@ -76,18 +76,21 @@ def collect_reconstructions(stage, loader, device: torch.device, per_category: i
 
 
 def errors_markdown(errors: dict) -> str:
-    """The overall figures, then azimuth errors per category (aligned; modulo 180 deg)."""
+    """The overall figures, then azimuth errors per category (aligned; how many are
+    quarter turns and front/back flips; modulo 180 deg)."""
     lines = ["| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in errors.items() if not isinstance(v, dict)]
     per = errors.get("per_category", {})
     if per:
-        lines += ["", "| category | azimuth error (aligned) | median | within 30 deg | modulo 180 deg | "
-                  "symmetry-aware | views with a twin | elevation error |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| category | azimuth error (aligned) | median | within 30 deg | off by 45-135 deg | "
+                  "off by > 135 deg | modulo 180 deg | symmetry-aware | views with a twin | elevation error |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for cat, e in per.items():
             sym = (f"{e['az_err_symaware']:.1f} | {100 * e['views_with_twin']:.0f}%" if "az_err_symaware" in e
                    else "n/a | n/a")
             lines.append(f"| {cat} | {e['az_err_aligned']:.1f} | {e['az_median_aligned']:.1f} | "
-                         f"{100 * e['az_acc30_aligned']:.0f}% | {e['az_err_aligned_sym']:.1f} | {sym} | "
+                         f"{100 * e['az_acc30_aligned']:.0f}% | {100 * e['az_quarter_share']:.0f}% | "
+                         f"{100 * e['az_flip_share']:.0f}% | {e['az_err_aligned_sym']:.1f} | {sym} | "
                          f"{e['el_err']:.1f} |")
     return "\n".join(lines)
 
