@@ -100,6 +100,7 @@ class ReconModelConfig:
     max_train_minutes: float = 0.0  # > 0: stop fitting after this wall-clock time (lightning Timer)
     w_colour: float = 0.0  # > 0: category colour templates (models.appearance), fitted with this weight
     colour_select: float = 1.0  # weight of their colour error in the multiplex choice (with w_colour > 0)
+    colour_init_noise: float = 0.0  # std of the colour templates' initial logits (0: uniform grey, no bias)
 
 
 def observed_pixels(batch: dict) -> torch.Tensor:
@@ -145,7 +146,8 @@ class ReconNet(nn.Module):
             sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend)
         )
         # colour templates only when asked for: checkpoints trained without them keep loading
-        self.appearance = ColourTemplates(num_categories, self.decoder.src) if float(m.w_colour) > 0 else None
+        self.appearance = (ColourTemplates(num_categories, self.decoder.src, init_noise=float(m.colour_init_noise))
+                           if float(m.w_colour) > 0 else None)
         self.colour_select = float(m.colour_select)
 
     @property
@@ -427,7 +429,7 @@ class ReconStage(AmodalStage):
             raise ValueError(f"model.rgb_dropout={m.rgb_dropout}: expected a probability in [0, 1]")
         if float(m.select_tie_margin) < 0:
             raise ValueError(f"model.select_tie_margin={m.select_tie_margin}: expected >= 0 (0 turns tie-breaking off)")
-        for key in ("w_colour", "colour_select"):
+        for key in ("w_colour", "colour_select", "colour_init_noise"):
             if float(m[key]) < 0:
                 raise ValueError(f"model.{key}={m[key]}: expected >= 0 (w_colour=0 turns the colour templates off)")
         self.m = m

@@ -38,15 +38,21 @@ class ColourTemplates(nn.Module):
     `src` (V,) maps every vertex to its slot in the independent half (the mesh
     decoder's mirror map), so a vertex and its mirror image share their colour."""
 
-    def __init__(self, num_categories: int, src: torch.Tensor, share_init: float = 0.1) -> None:
+    def __init__(self, num_categories: int, src: torch.Tensor, share_init: float = 0.1,
+                 init_noise: float = 0.0) -> None:
         super().__init__()
         if not 0.0 < share_init < 1.0:
             raise ValueError(f"share_init={share_init}: expected a value in (0, 1)")
+        if init_noise < 0:
+            raise ValueError(f"init_noise={init_noise}: expected >= 0")
         half = int(src.max()) + 1
         self.register_buffer("src", src.long().clone(), persistent=False)
-        self.detail = nn.Parameter(torch.zeros(num_categories, half, 3))  # logits of the detail colour
-        # the base colour explains everything at first; details grow where the data agree
-        self.share = nn.Parameter(torch.full((num_categories, half), float(torch.logit(torch.tensor(share_init)))))
+        # logits; the base colour explains most at first, details grow where the data agree.
+        # init_noise > 0 starts each template a little different front and back: a bias the
+        # multiplex can amplify, where a uniform start gives it nothing to choose by
+        self.detail = nn.Parameter(torch.randn(num_categories, half, 3) * init_noise)
+        self.share = nn.Parameter(float(torch.logit(torch.tensor(share_init)))
+                                  + torch.randn(num_categories, half) * init_noise)
 
     def forward(self, category: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         detail = torch.sigmoid(self.detail[category])[:, self.src]

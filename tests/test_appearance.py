@@ -70,6 +70,19 @@ def test_colour_templates_are_mirror_symmetric():
         ColourTemplates(3, dec.src, share_init=1.0)
 
 
+def test_colour_templates_start_uniform_or_with_a_front_back_bias():
+    dec = SymmetricMeshDecoder(8, 2)
+    detail, share = ColourTemplates(2, dec.src)(torch.tensor([0, 1]))
+    assert torch.equal(detail, torch.full_like(detail, 0.5)) and torch.allclose(share, torch.full_like(share, 0.1))
+    torch.manual_seed(0)
+    detail, share = ColourTemplates(2, dec.src, init_noise=1.0)(torch.tensor([0, 1]))
+    front, back = dec.sphere[:, 2] > 0.2, dec.sphere[:, 2] < -0.2
+    assert (share[:, front].mean(1) - share[:, back].mean(1)).abs().min() > 0  # not the same both sides
+    assert torch.equal(share, share[:, dec.mirror])  # still mirror symmetric
+    with pytest.raises(ValueError, match="init_noise"):
+        ColourTemplates(2, dec.src, init_noise=-1.0)
+
+
 def test_visible_vertices_face_the_camera_and_drop_hidden_ones():
     big = ico_sphere(2)
     small = ico_sphere(2)
@@ -169,6 +182,6 @@ def test_training_with_colour_reads_no_hidden_labels_and_fits_the_templates(monk
     assert any(p is stage.net.decoder.template for p in fast["params"])
     # off by default: no colour parameters, so older checkpoints load
     assert ReconStage(_cfg()).net.appearance is None
-    for key in ("w_colour", "colour_select"):
+    for key in ("w_colour", "colour_select", "colour_init_noise"):
         with pytest.raises(ValueError, match=key):
             ReconStage(_cfg(overrides=[f"model.{key}=-1.0"]))
