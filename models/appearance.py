@@ -50,9 +50,13 @@ class ColourTemplates(nn.Module):
         # logits; the base colour explains most at first, details grow where the data agree.
         # init_noise > 0 starts each template a little different front and back: a bias the
         # multiplex can amplify, where a uniform start gives it nothing to choose by
-        self.detail = nn.Parameter(torch.randn(num_categories, half, 3) * init_noise)
-        self.share = nn.Parameter(float(torch.logit(torch.tensor(share_init)))
-                                  + torch.randn(num_categories, half) * init_noise)
+        detail = torch.zeros(num_categories, half, 3)
+        share = torch.full((num_categories, half), float(torch.logit(torch.tensor(share_init))))
+        if init_noise > 0:  # drawn only then: a uniform start leaves the random stream as it was
+            detail += torch.randn_like(detail) * init_noise
+            share += torch.randn_like(share) * init_noise
+        self.detail = nn.Parameter(detail)
+        self.share = nn.Parameter(share)
 
     def forward(self, category: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         detail = torch.sigmoid(self.detail[category])[:, self.src]
