@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pytorch3d.structures import Meshes
 from torch import nn
 
 from models.mesh_renderer import make_cameras
@@ -64,16 +65,6 @@ class ColourTemplates(nn.Module):
         return detail, share
 
 
-def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """(B,V,3) area-weighted (unnormalised) vertex normals of meshes sharing faces (F,3)."""
-    v0, v1, v2 = (verts[:, faces[:, k]] for k in range(3))
-    fn = torch.cross(v1 - v0, v2 - v0, dim=-1)
-    normals = torch.zeros_like(verts)
-    for k in range(3):
-        normals.index_add_(1, faces[:, k], fn)
-    return normals
-
-
 @float32_geometry
 def visible_vertices(
     verts: torch.Tensor, faces: torch.Tensor, camera: torch.Tensor, place: torch.Tensor,
@@ -91,11 +82,11 @@ def visible_vertices(
     xy = to_ndc.transform_points(verts)[..., :2]
     depth = to_view.transform_points(verts)[..., 2]
     centre = cams.get_camera_center()[:, None]
-    facing = (vertex_normals(verts, faces) * (centre - verts)).sum(-1) > 0
+    meshes = Meshes(verts=verts, faces=faces[None].expand(verts.shape[0], -1, -1))
+    facing = (meshes.verts_normals_padded() * (centre - verts)).sum(-1) > 0
     # depth samples: the centroid and three points towards the corners of every facing face
     tri = verts[:, faces]  # (B,F,3,3)
-    face_facing = (torch.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0], dim=-1)
-                   * (centre - tri.mean(2))).sum(-1) > 0
+    face_facing = (meshes.faces_normals_padded() * (centre - tri.mean(2))).sum(-1) > 0
     mix = torch.tensor([[2, 2, 2], [4, 1, 1], [1, 4, 1], [1, 1, 4]], dtype=verts.dtype, device=verts.device) / 6.0
     pts = torch.einsum("sk,bfkc->bfsc", mix, tri).flatten(1, 2)  # (B,4F,3)
     pts_ok = face_facing.repeat_interleave(len(mix), dim=1)
