@@ -1,5 +1,5 @@
 # amodal3d — every target installs what it needs first (`setup` is idempotent).
-# Usage: make train STAGE=recon [EXP=name] [DEBUG=fdr|tiny|overfit] [RESUME=run_id] [OVERRIDES="trainer.max_epochs=3"]
+# Usage: make bench [PROTOCOL=gt-visible|gt-box]; make train STAGE=recon [EXP=name] [DEBUG=fdr|tiny|overfit] [RESUME=run_id] [OVERRIDES="trainer.max_epochs=3"]
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -14,13 +14,15 @@ RESUME ?=
 OVERRIDES ?=
 PORT ?= 6006
 PYTEST_ARGS ?=
+PROTOCOL ?=
+BENCH_ARGS = $(if $(PROTOCOL),--protocol $(PROTOCOL))
 
 CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 
-.PHONY: slurm setup test test-all train data validate bench bench-table bench-speed bench-loader bench-raster bench-hardest bench-recon predict sheets tensorboard stages clean help
+.PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-loader bench-raster bench-hardest bench-recon predict sheets tensorboard stages clean help
 
 help:
-	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench | bench-table | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
+	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench [PROTOCOL=gt-visible|gt-box] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
 
 setup: $(STAMP)
 
@@ -47,10 +49,13 @@ validate: setup
 	$(PY) -m amodal3d validate $(CFG_ARGS) $(OVERRIDES)
 
 bench: setup
-	$(PY) -m amodal3d bench all $(OVERRIDES)
+	$(PY) -m amodal3d bench all $(BENCH_ARGS) $(OVERRIDES)
 
 bench-table: setup
-	$(PY) -m amodal3d bench table $(OVERRIDES)
+	$(PY) -m amodal3d bench table $(BENCH_ARGS) $(OVERRIDES)
+
+bench-seeds: setup
+	$(PY) -m amodal3d bench seeds $(BENCH_ARGS) $(OVERRIDES)
 
 bench-speed: setup
 	$(PY) -m amodal3d bench speed $(OVERRIDES)

@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="runs root folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--occluder", default="unknown", choices=("unknown", "others"),
-                   help="occluder of an instance: anything outside its visible mask, or the other instances")
+    p.add_argument("--occluder", default="auto", choices=("auto", "unknown", "others"),
+                   help="occluder of an instance: anything outside its visible mask, or the other instances' "
+                        "visible masks; auto: others for gt-visible models, unknown for gt-box ones")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="results table and speed figures (`bench --help`)", add_help=False)

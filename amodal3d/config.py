@@ -55,7 +55,8 @@ class LoaderConfig:
     batch_size: int = 32
     num_workers: int = 2
     crop_size: int = 64
-    crop_margin: float = 1.15
+    crop_margin: float = 1.15  # gt-box: crop side = amodal box's longer side x this
+    visible_crop_margin: float = 2.5  # gt-visible: crop side = visible box's longer side x this (val: 98.2% covered)
     views_per_item: int = 1  # >1: train items hold k views of one object (recon's cross-view loss)
     pin_memory: bool = False
     persistent_workers: bool = True
@@ -109,6 +110,7 @@ class RunConfig:
 class Config:
     stage: str = "recon"
     experiment: str = "default"
+    protocol: str = "gt-visible"  # gt-visible | gt-box (datamodules.protocols): what a method is handed
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -232,6 +234,10 @@ def load_config(
     if stage:
         cfg.stage = stage
     OmegaConf.resolve(cfg)
+    from datamodules.protocols import PROTOCOLS
+
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol={cfg.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     return cfg
 
 

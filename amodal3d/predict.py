@@ -10,14 +10,17 @@ Inputs (one or more paths):
     width/height), `categories` (id, name) and `annotations` (image_id, category_id,
     `segmentation` = the visible mask as RLE or polygons, optional `amodal_bbox`
     [x, y, w, h]).
-Each instance is cropped exactly like the DataModule crops it (datamodules.crops:
-square_crop_box around the box, enlarged by loader.crop_margin, crop_to_box to
-loader.crop_size of the model's config). The box is the amodal box when the input
-gives one (`amodal_bbox`), else the box of the visible mask: then the object's hidden
+Each instance is cropped exactly like the DataModule crops it under the protocol the
+model was trained for (datamodules.crops: square_crop_box, crop_to_box to
+loader.crop_size of the model's config). gt-visible models: around the box of the
+visible mask, enlarged by loader.visible_crop_margin (an `amodal_bbox` is not read).
+gt-box models: around the amodal box when the input gives one (`amodal_bbox`), else
+the box of the visible mask, enlarged by loader.crop_margin; then the object's hidden
 part can only be found inside that crop. The occluder mask (pixels that may hide the
-instance) is, with occluder="unknown" (default), everything outside the instance's
-visible mask; with occluder="others", the union of the other instances' visible
-masks of the image (use it when every occluder is annotated).
+instance) is, with occluder="unknown", everything outside the instance's visible
+mask; with occluder="others", the union of the other instances' visible masks of the
+image (what gt-visible models were trained with); "auto" (default) picks "others"
+for gt-visible models and "unknown" for gt-box ones.
 
 Outputs under `out`: `masks/<image>/<instance>.png` (amodal masks, 0/255, the visible
 mask included), `overlays/<image>.png` (visible part tinted, predicted hidden part
@@ -409,7 +412,8 @@ def _resolve_category(inst: InstanceInput, inputs: InputSet) -> int:
     return cat
 
 
-def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, occluder: str) -> _Prepared | None:
+def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, occluder: str,
+             amodal_boxes: bool = True) -> _Prepared | None:
     try:
         rgb = read_rgb(img.path)
     except InputError as err:
@@ -428,7 +432,7 @@ def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, o
         try:
             cat = _resolve_category(inst, inputs)
             m = instance_mask(inst, h, w)
-            if inst.amodal_bbox is not None:
+            if inst.amodal_bbox is not None and amodal_boxes:
                 x, y, bw, bh = (float(v) for v in inst.amodal_bbox)
                 if not (bw > 0 and bh > 0):
                     raise InputError(f"amodal_bbox {inst.amodal_bbox} has no area")
@@ -448,14 +452,15 @@ def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, o
         return None
     visible = np.stack(masks)
     crops = make_crops(rgb, visible, occluder_masks(visible, occluder), np.stack(boxes), crop_size, margin)
-    crops["amodal_box"] = torch.from_numpy(np.stack(boxes))
+    if amodal_boxes:
+        crops["amodal_box"] = torch.from_numpy(np.stack(boxes))
     return _Prepared(img, rgb, keep, visible, np.array(cats, np.int64), crops)
 
 
 @torch.no_grad()
 def _run_model(module, prepared: list[_Prepared], batch_size: int, device: torch.device) -> list[torch.Tensor]:
     """Amodal probabilities in the crop frame, one (n_i,1,S,S) tensor per prepared image."""
-    keys = ("rgb", "visible", "occluded", "crop_box", "amodal_box")
+    keys = [k for k in ("rgb", "visible", "occluded", "crop_box", "amodal_box") if k in prepared[0].crops]
     allc = {k: torch.cat([p.crops[k] for p in prepared]) for k in keys}
     allc["category"] = torch.from_numpy(np.concatenate([p.category for p in prepared]))
     n = allc["category"].shape[0]
@@ -500,15 +505,15 @@ def predict_files(
     root: str = "runs",
     device: str | torch.device = "cpu",
     batch_size: int = 32,
-    occluder: str = "unknown",
+    occluder: str = "auto",
 ) -> PredictReport:
     """Amodal masks of every instance of `inputs` written under out_dir (module doc).
 
     module: an AmodalStage already loaded (else load_predictor(checkpoint, experiment)).
     The report's seconds cover reading, cropping, the model and writing (not the
     model load); its errors list every skipped input with the reason."""
-    if occluder not in OCCLUDER_MODES:
-        raise ValueError(f"occluder={occluder!r}: expected one of {', '.join(OCCLUDER_MODES)}")
+    if occluder not in OCCLUDER_MODES + ("auto",):
+        raise ValueError(f"occluder={occluder!r}: expected auto or one of {', '.join(OCCLUDER_MODES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     device = torch.device(device)
@@ -517,7 +522,15 @@ def predict_files(
         module, path = load_predictor(checkpoint, experiment, root, device)
         ckpt_name = str(path)
     module = module.to(device).eval()
-    crop_size, margin = int(module.cfg.loader.crop_size), float(module.cfg.loader.crop_margin)
+    from datamodules.protocols import gives_amodal_box, protocol_of
+
+    protocol = protocol_of(module.cfg)
+    box_protocol = gives_amodal_box(protocol)
+    crop_size = int(module.cfg.loader.crop_size)
+    margin = float(module.cfg.loader.crop_margin if box_protocol
+                   else module.cfg.loader.get("visible_crop_margin", module.cfg.loader.crop_margin))
+    if occluder == "auto":
+        occluder = "unknown" if box_protocol else "others"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -533,7 +546,7 @@ def predict_files(
             chunk.clear()
 
     for img in inputs.images:
-        p = _prepare(img, inputs, crop_size, margin, occluder)
+        p = _prepare(img, inputs, crop_size, margin, occluder, amodal_boxes=box_protocol)
         if p is not None:
             chunk.append(p)
         if sum(len(c.instances) for c in chunk) >= batch_size:
@@ -542,7 +555,9 @@ def predict_files(
     doc = {
         "info": {"description": "amodal masks predicted by amodal3d", "checkpoint": ckpt_name,
                  "stage": str(module.cfg.stage), "occluder": occluder, "crop_size": crop_size, "crop_margin": margin,
-                 "box": "amodal_bbox when the input gives one, else the box of the visible mask"},
+                 "protocol": protocol,
+                 "box": ("amodal_bbox when the input gives one, else the box of the visible mask" if box_protocol
+                         else "the box of the visible mask")},
         "images": images, "categories": inputs.categories, "annotations": anns, "errors": inputs.errors,
     }
     json_path = out / JSON_NAME

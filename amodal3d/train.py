@@ -72,7 +72,7 @@ def build_datamodule(cfg: DictConfig, spec: StageSpec) -> L.LightningDataModule:
     if spec.data == "crops":
         from datamodules.crops import CropDataModule
 
-        return CropDataModule(cfg.data, loader)
+        return CropDataModule(cfg.data, loader, protocol=cfg.protocol)
     if spec.data == "images":
         from datamodules.images import DetectionDataModule
 

@@ -1,17 +1,24 @@
-"""Per-instance crops (the gt-visible protocol) and their LightningDataModule.
+"""Per-instance crops under an evaluation protocol (datamodules.protocols), and
+their LightningDataModule.
 
-One item per instance: a square window around the instance's amodal box,
-enlarged by `crop_margin`, resampled to `crop_size` (bilinear, zero outside
-the image; masks thresholded at 0.5). Item contract (other stages code
-against these names; docs/data.md):
+One item per instance: a square window resampled to `crop_size` (bilinear,
+zero outside the image; masks thresholded at 0.5). Under `gt-visible` the
+window is centred on the instance's *visible* box, its side the box's longer
+side x `visible_crop_margin`; under `gt-box` on the amodal box x `crop_margin`.
+Item contract (other stages code against these names; docs/data.md):
 
     rgb (3,S,S) float32 [0,1]     visible (1,S,S) {0,1}     occluded (1,S,S) {0,1}
     category int64 ()             object_id int64 ()        index int64 ()
-    crop_box (4,) xyxy pixels     amodal_box (4,)
-    image_visible (1,H,W)         image_occluded (1,H,W)
+    crop_box (4,) xyxy pixels     image_visible (1,H,W)     image_occluded (1,H,W)
+    amodal_box (4,)               gt-box only
+    unknown (1,S,S) {0,1}         training/validation items; gt-box test items
     eval_amodal (1,S,S)  eval_image_amodal (1,H,W)  eval_camera (3,)  eval_view_id int64 ()
     eval_occlusion float32 ()
 
+`occluded` is what the protocol hands out: under gt-box the pixels known to be
+occluded, under gt-visible the other instances' visible masks. `unknown` is the
+composite's occluder (the eraser in `erase`): where pixels are not seen, for
+losses and label-free monitors, never a prediction's input.
 `eval_*` keys are hidden ground truth: evaluation only, never in a loss of an
 unsupervised stage. With views_per_item=k>1 every item holds k crops of one
 object (the anchor instance first) and `collate_views` flattens a batch to
@@ -28,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, get_worker_info
 
+from datamodules.protocols import GT_BOX, GT_VISIBLE, check_protocol
 from datamodules.shards import SplitReader
 from datamodules.split_datamodule import SplitDataModule
 
@@ -78,6 +86,22 @@ def paste_crop_to_image(mask_crop: torch.Tensor, crop_box: torch.Tensor, h: int,
     gy = 2 * (ys[None] - box[:, 1:2]) / (box[:, 3:4] - box[:, 1:2]) - 1  # (B,H)
     grid = torch.stack([gx[:, None, :].expand(-1, h, -1), gy[:, :, None].expand(-1, -1, w)], -1)
     return F.grid_sample(mask_crop, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def protocol_crop_boxes(index: dict, protocol: str, crop_margin: float, visible_crop_margin: float) -> np.ndarray:
+    """(M,4) crop windows of a split's instances (its reader's index) under `protocol`:
+    gt-visible reads the visible boxes only, gt-box the amodal boxes."""
+    if check_protocol(protocol) == GT_VISIBLE:
+        return square_crop_box(index["visible_box"], visible_crop_margin)
+    return square_crop_box(index["amodal_box"], crop_margin)
+
+
+def crop_coverage(index: dict, boxes: np.ndarray) -> np.ndarray:
+    """(M,) bool: the instance's whole amodal box lies inside its crop window
+    (evaluation only: where it does not, no method can score the part outside)."""
+    a = index["amodal_box"]
+    return ((a[:, 0] >= boxes[:, 0]) & (a[:, 1] >= boxes[:, 1]) & (a[:, 2] <= boxes[:, 2])
+            & (a[:, 3] <= boxes[:, 3]))
 
 
 class _CropSampler:
@@ -133,13 +157,21 @@ class CropDataset(Dataset):
         views_per_item: int = 1,
         train: bool = False,
         verify: bool = True,
+        protocol: str = GT_VISIBLE,
+        visible_crop_margin: float = 2.0,
     ) -> None:
+        self.protocol = check_protocol(protocol)
+        if visible_crop_margin <= 0:
+            raise ValueError(f"visible_crop_margin={visible_crop_margin}: must be > 0")
         if views_per_item < 1:
             raise ValueError(f"views_per_item={views_per_item}: must be >= 1")
         if crop_size < 2 or crop_margin <= 0:
             raise ValueError(f"crop_size={crop_size}, crop_margin={crop_margin}: need size >= 2, margin > 0")
         self.reader = SplitReader(root, split, verify=verify)
         self.split, self.crop_size, self.crop_margin = split, int(crop_size), float(crop_margin)
+        self.visible_crop_margin = float(visible_crop_margin)
+        # gt-visible test items do not say where pixels are unknown
+        self.with_unknown = self.protocol == GT_BOX or split != "test"
         self.views_per_item, self.train = int(views_per_item), bool(train)
         self.composite = self.reader.manifest.get("composite", "erase")
         self._sampler = _CropSampler(self.crop_size, self.reader.height, self.reader.width)
@@ -203,36 +235,56 @@ class CropDataset(Dataset):
 
     # -- items
     def _crop_boxes(self) -> np.ndarray:
-        """(M,4) crop windows of every instance, computed once per process."""
+        """(M,4) crop windows of every instance, computed once per process: on the
+        visible box under gt-visible, on the amodal box under gt-box."""
         if self._boxes is None or self._boxes[0] != os.getpid():
-            self._boxes = (os.getpid(), square_crop_box(self.reader.index["amodal_box"], self.crop_margin))
+            self._boxes = (os.getpid(), protocol_crop_boxes(self.reader.index, self.protocol, self.crop_margin,
+                                                            self.visible_crop_margin))
         return self._boxes[1]
 
+    def others_visible(self, i: int, image: int) -> np.ndarray:
+        """bool (H,W) union of the visible masks of the other instances of instance i's image."""
+        start, stop = self.reader.instance_range(image)
+        if stop - start <= 1:
+            return np.zeros((self.reader.height, self.reader.width), bool)
+        vis = self.reader.image_masks(image, ["visible"])["visible"]
+        keep = np.arange(start, stop) != i
+        return vis[keep].any(axis=0)
+
     def crop(self, i: int) -> dict[str, torch.Tensor]:
-        """The single-view item of instance i."""
+        """The single-view item of instance i (keys: the module doc)."""
         r = self.reader
         idx = r.index
         crop_box = self._crop_boxes()[i]
-        image = r.image(int(idx["image"][i]))
+        img = int(idx["image"][i])
+        image = r.image(img)
         m = r.instance_masks(i)
-        rgb, (vis, occ, amo) = crop_arrays(image, [m["visible"], m["occluder"], m["amodal"]], crop_box, self._sampler)
-        return {
+        given = m["occluder"] if self.protocol == GT_BOX else self.others_visible(i, img)
+        rgb, (vis, occ, unk, amo) = crop_arrays(
+            image, [m["visible"], given, m["occluder"], m["amodal"]], crop_box, self._sampler)
+        item = {
             "rgb": torch.from_numpy(rgb),
             "visible": torch.from_numpy(vis),
             "occluded": torch.from_numpy(occ),
             "category": _scalar(idx["category"][i], np.int64),
             "object_id": _scalar(idx["object_id"][i], np.int64),
             "crop_box": torch.from_numpy(crop_box.copy()),
-            "amodal_box": torch.from_numpy(idx["amodal_box"][i].copy()),
             "image_visible": torch.from_numpy(m["visible"][None].astype(np.float32)),
-            "image_occluded": torch.from_numpy(m["occluder"][None].astype(np.float32)),
+            "image_occluded": torch.from_numpy(given[None].astype(np.float32)),
             "index": _scalar(i, np.int64),
+        }
+        if self.protocol == GT_BOX:
+            item["amodal_box"] = torch.from_numpy(idx["amodal_box"][i].copy())
+        if self.with_unknown:
+            item["unknown"] = torch.from_numpy(unk)
+        item.update({
             "eval_amodal": torch.from_numpy(amo),
             "eval_image_amodal": torch.from_numpy(m["amodal"][None].astype(np.float32)),
             "eval_camera": torch.from_numpy(idx["camera"][i].copy()),
             "eval_view_id": _scalar(idx["view_id"][i], np.int64),
             "eval_occlusion": _scalar(idx["occlusion"][i], np.float32),
-        }
+        })
+        return item
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i = int(i)
@@ -339,24 +391,27 @@ def make_sampler(dataset: Dataset, train: bool, seed: int) -> Sampler[int]:
 
 
 class CropDataModule(SplitDataModule):
-    """Crops of data.root for every stage that works per instance.
+    """Crops of data.root for every stage that works per instance, under `protocol`.
 
     views_per_item (argument, else loader_cfg.views_per_item if the config has
     it, else 1) applies to the training split only: validation and test score
     each instance once.
     """
 
-    def __init__(self, data_cfg: Any, loader_cfg: Any, views_per_item: int | None = None, verify: bool = True) -> None:
+    def __init__(self, data_cfg: Any, loader_cfg: Any, views_per_item: int | None = None, verify: bool = True,
+                 protocol: str = GT_VISIBLE) -> None:
         super().__init__(data_cfg, loader_cfg, verify)
         self.views_per_item = int(views_per_item or getattr(loader_cfg, "views_per_item", 1) or 1)
         self.seed = int(getattr(data_cfg, "seed", 0))
+        self.protocol = check_protocol(protocol)
 
     def make_dataset(self, split: str) -> CropDataset:
         lc = self.loader_cfg
         return CropDataset(
             self.root, split, crop_size=int(lc.crop_size), crop_margin=float(lc.crop_margin),
             views_per_item=self.views_per_item if split == "train" else 1,
-            train=split == "train", verify=self.verify,
+            train=split == "train", verify=self.verify, protocol=self.protocol,
+            visible_crop_margin=float(getattr(lc, "visible_crop_margin", 2.0)),
         )
 
     def make_loader(self, ds: CropDataset, split: str) -> DataLoader:

@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from amodal3d.runs import find_stage_checkpoint
+from datamodules.protocols import unknown_pixels
 from lightning_modules.common import as_config
 from lightning_modules.refine import RefineModelConfig, RefineStage
 from lightning_modules.registry import StageSpec
@@ -131,7 +132,7 @@ class JointStage(RefineStage):
         rm = self._recon_weights()
         size = sil.shape[-1]
         target = resize_mask(batch["visible"], size)
-        weight = 1.0 - resize_mask(batch["occluded"], size)
+        weight = 1.0 - resize_mask(unknown_pixels(batch), size)
         if self._regularisers is None:
             self._regularisers = MeshRegularisers(net.faces, net.decoder.num_verts).to(sil.device)
         terms = {"silhouette": silhouette_loss(sil, target, weight, rm["w_iou"], rm["w_mse"]).mean()}

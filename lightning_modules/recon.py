@@ -4,8 +4,11 @@ From an instance crop (RGB + visible mask + occluded mask) one network predicts 
 symmetric mesh (category template + bounded instance offsets) and a camera
 (azimuth, elevation, distance). The mesh is rendered as a soft silhouette in the
 crop frame (models.mesh_renderer: perspective camera, then the similarity that fits
-the projection to the instance's amodal box) and compared with the visible mask,
-ignoring the pixels known to be occluded. Nothing else supervises it:
+the projection to a box: the amodal box under the gt-box protocol; under gt-visible
+a box predicted from the crop feature as a bounded residual over the visible box)
+and compared with the visible mask, ignoring the pixels whose content is unknown
+(the batch's `unknown`: the eraser of the training composite). Nothing else
+supervises it:
 
 * cross-view: two crops of one object (rows 2i, 2i+1) swap shapes: view a's mesh
   under view b's camera must explain b's visible mask, and both predict the same
@@ -40,13 +43,15 @@ from torch import nn
 from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from amodal3d.categories import CATEGORIES
+from datamodules.protocols import LEGACY_PROTOCOL, check_protocol, gives_amodal_box, monitor_unknown, protocol_of, unknown_pixels
 from lightning_modules.common import AmodalStage, as_config, build_optimizer, with_schema_defaults
 from lightning_modules.registry import StageSpec
 from models.appearance import ColourTemplates, colour_error, visible_vertices
 from models.camera_head import CameraHead
 from models.encoder import CropEncoder, crop_channels
 from models.mesh_decoder import SymmetricMeshDecoder
-from models.mesh_renderer import CropRenderer, box_in_crop, centred_box_ndc, fit_placement, pixel_box_to_ndc
+from models.mesh_renderer import CropRenderer, box_in_crop, centred_box_ndc, fit_placement, mask_boxes, pixel_box_to_ndc
+from models.placement import PlacementHead, adjust_box
 from models.precision import float32_geometry
 from models.recon_losses import (
     azimuth_difference,
@@ -101,6 +106,16 @@ class ReconModelConfig:
     w_colour: float = 0.0  # > 0: category colour templates (models.appearance), fitted with this weight
     colour_select: float = 1.0  # weight of their colour error in the multiplex choice (with w_colour > 0)
     colour_init_noise: float = 0.0  # std of the colour templates' initial logits (0: uniform grey, no bias)
+    box_max_log_scale: float = 1.1  # gt-visible: bound of the predicted box's log-scale residual over the visible box
+    box_max_shift: float = 0.75  # gt-visible: bound of its shift, in visible-box sides
+
+
+def synthetic_crop_margin(cfg) -> float:
+    """The margin of a crop around a whole (unoccluded) object under the config's protocol:
+    its amodal box is its visible box, so gt-visible frames it by visible_crop_margin."""
+    if gives_amodal_box(protocol_of(cfg)):
+        return float(cfg.loader.crop_margin)
+    return float(cfg.loader.get("visible_crop_margin", cfg.loader.crop_margin))
 
 
 def observed_pixels(batch: dict) -> torch.Tensor:
@@ -117,11 +132,17 @@ class ReconNet(nn.Module):
     place (B,3) NDC scale/tx/ty, box (B,4) NDC target box, feat (B,D)).
     With a camera multiplex (K > 1) `camera` is the hypothesis whose silhouette best
     explains the visible mask outside the occluded pixels (analysis by synthesis).
-    Reads batch keys rgb, visible, occluded, category, crop_box, amodal_box only.
+    Where the mesh is placed (`box`): under gt-box the amodal box the protocol
+    hands out; under gt-visible a box predicted from the crop feature as a bounded
+    residual over the visible box (`box_head`), learned by the silhouette losses.
+    Reads batch keys rgb, visible, occluded, category, crop_box (and amodal_box
+    under gt-box) only.
     """
 
-    def __init__(self, m, num_categories: int = len(CATEGORIES), crop_size: int = 64) -> None:
+    def __init__(self, m, num_categories: int = len(CATEGORIES), crop_size: int = 64,
+                 protocol: str = LEGACY_PROTOCOL) -> None:
         super().__init__()
+        self.protocol = check_protocol(protocol)
         self.crop_size = int(crop_size)
         self.use_occluded = bool(m.use_occluded)
         self.select_size = int(m.select_size)
@@ -149,6 +170,11 @@ class ReconNet(nn.Module):
         self.appearance = (ColourTemplates(num_categories, self.decoder.src, init_noise=float(m.colour_init_noise))
                            if float(m.w_colour) > 0 else None)
         self.colour_select = float(m.colour_select)
+        # gt-visible: the box is predicted (zero residual at the start: the visible box)
+        self.box_head = None if gives_amodal_box(self.protocol) else PlacementHead(
+            int(m.feat_dim), num_categories, geometry_dim=4, max_log_scale=float(m.box_max_log_scale),
+            max_shift=float(m.box_max_shift),
+        )
 
     @property
     def faces(self) -> torch.Tensor:
@@ -165,10 +191,16 @@ class ReconNet(nn.Module):
         out["feat"] = feat
         return out
 
-    def target_box(self, batch: dict) -> torch.Tensor:
-        """(B,4) NDC (cx, cy, w, h) of the amodal box in the crop frame."""
-        box = box_in_crop(batch["amodal_box"].float(), batch["crop_box"].float(), self.crop_size)
-        return pixel_box_to_ndc(box, self.crop_size)
+    def target_box(self, batch: dict, feat: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,4) NDC (cx, cy, w, h) box the mesh's projection is fitted to, in the crop
+        frame: the amodal box (gt-box), or the box predicted from `feat` (gt-visible)."""
+        if self.box_head is None:
+            box = box_in_crop(batch["amodal_box"].float(), batch["crop_box"].float(), self.crop_size)
+            return pixel_box_to_ndc(box, self.crop_size)
+        if feat is None:
+            raise ValueError("under gt-visible the mesh's box is predicted: pass the crop feature (encode()['feat'])")
+        vis = pixel_box_to_ndc(mask_boxes(batch["visible"]), self.crop_size)
+        return adjust_box(vis, self.box_head(feat.float(), batch["category"], vis))
 
     def render(self, verts: torch.Tensor, camera: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
         """(B,size,size) soft silhouettes, placed so the projection fills `box`."""
@@ -228,7 +260,7 @@ class ReconNet(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         out = self.encode(self.inputs(batch), batch["category"])
-        out["box"] = self.target_box(batch)
+        out["box"] = self.target_box(batch, out["feat"])
         out["camera"], out["best"] = self.select_camera(out, batch, out["box"])
         out["place"] = fit_placement(out["verts"], out["camera"], out["box"], self.renderer.fov)
         return out
@@ -243,14 +275,50 @@ class ReconNet(nn.Module):
 # -- evaluation-only helpers (hidden ground truth: never used in a loss) ----------------------
 
 
-def camera_errors(rows: torch.Tensor, num_categories: int) -> dict[str, torch.Tensor]:
+def _offset_grids(rows: torch.Tensor, num_categories: int):
+    """Per category present: (c, rows selected, (360, n) aligned errors for every azimuth
+    offset, and the symmetry-aware ones or None): what camera_errors and camera_offsets pick from."""
+    cat = rows[:, 0].long()
+    pred, true = rows[:, 1:4], rows[:, 4:7]
+    same = rows[:, 8:]
+    known = ~torch.isnan(same).any(dim=1) if same.shape[1] else torch.zeros_like(cat, dtype=torch.bool)
+    view_az = torch.arange(same.shape[1], dtype=rows.dtype, device=rows.device) * (360.0 / max(same.shape[1], 1))
+    grid = torch.arange(360, dtype=rows.dtype, device=rows.device)
+    for c in range(num_categories):
+        sel = cat == c
+        if not sel.any():
+            continue
+        shifted = pred[sel, 0][None] + grid[:, None]  # (360, n)
+        err = azimuth_difference(shifted, true[sel, 0][None])
+        sym = None
+        if known[sel].any():
+            to_views = azimuth_difference(shifted[..., None], view_az)  # (360, n, V)
+            twins = torch.where(same[sel] == 1, to_views, torch.full_like(to_views, float("inf"))).amin(-1)
+            sym = torch.where(known[sel][None], twins, err)
+        yield c, sel, err, sym
+
+
+def camera_offsets(rows: torch.Tensor, num_categories: int) -> dict[str, list[int]]:
+    """Per-category azimuth offsets (degrees, 1 degree grid) that minimise the mean
+    aligned and symmetry-aware errors of `rows` (camera_errors' layout); categories
+    absent from rows get 0. Fit them on validation, apply them to test."""
+    out = {"aligned": [0] * num_categories, "symaware": [0] * num_categories}
+    for c, _, err, sym in _offset_grids(rows, num_categories):
+        out["aligned"][c] = int(err.mean(dim=1).argmin())
+        out["symaware"][c] = int((err if sym is None else sym).mean(dim=1).argmin())
+    return out
+
+
+def camera_errors(rows: torch.Tensor, num_categories: int, offsets: dict | None = None) -> dict[str, torch.Tensor]:
     """Camera and shape errors from per-instance rows (category, az, el, dist
     predicted, az, el, dist true, chamfer[, same-picture views]).
 
     The learned canonical frame of each category is arbitrary, so besides the raw
     azimuth error the errors are also reported after one global azimuth offset per
-    category (the offset, on a 1 degree grid, that minimises that category's mean
-    error on the evaluated split itself). acc30: share of instances within 30 deg;
+    category (on a 1 degree grid): by default the offset that minimises that
+    category's mean error on the evaluated split itself (training curves); with
+    `offsets` (camera_offsets of another split, e.g. validation) those offsets are
+    applied instead, so the scored split decides nothing. acc30: share of instances within 30 deg;
     flip_share: share off by more than 135 deg (a front/back flip), quarter_share: off
     by 45-135 deg (the view turned by about a quarter); uniform guesses give 25% / 50%.
     az_err_aligned_sym folds front/back flips (min(e, 180 - e)) of every instance: a
@@ -262,26 +330,16 @@ def camera_errors(rows: torch.Tensor, num_categories: int) -> dict[str, torch.Te
     counted, everything a method could see still is. views_with_twin: share of
     instances whose view has such a twin.
     """
-    cat = rows[:, 0].long()
     pred, true = rows[:, 1:4], rows[:, 4:7]
     same = rows[:, 8:]
-    known = ~torch.isnan(same).any(dim=1) if same.shape[1] else torch.zeros_like(cat, dtype=torch.bool)
-    view_az = torch.arange(same.shape[1], dtype=rows.dtype, device=rows.device) * (360.0 / max(same.shape[1], 1))
+    known = ~torch.isnan(same).any(dim=1) if same.shape[1] else torch.zeros(len(rows), dtype=torch.bool)
     raw = azimuth_difference(pred[:, 0], true[:, 0])
     aligned, symaware = raw.clone(), raw.clone()
-    grid = torch.arange(360, dtype=rows.dtype, device=rows.device)
-    for c in range(num_categories):
-        sel = cat == c
-        if not sel.any():
-            continue
-        shifted = pred[sel, 0][None] + grid[:, None]  # (360, n)
-        err = azimuth_difference(shifted, true[sel, 0][None])
-        aligned[sel] = err[err.mean(dim=1).argmin()]
-        if known[sel].any():
-            to_views = azimuth_difference(shifted[..., None], view_az)  # (360, n, V)
-            twins = torch.where(same[sel] == 1, to_views, torch.full_like(to_views, float("inf"))).amin(-1)
-            err = torch.where(known[sel][None], twins, err)
-            symaware[sel] = err[err.mean(dim=1).argmin()]
+    offsets = offsets or camera_offsets(rows, num_categories)
+    for c, sel, err, sym in _offset_grids(rows, num_categories):
+        aligned[sel] = err[offsets["aligned"][c]]
+        if sym is not None:
+            symaware[sel] = sym[offsets["symaware"][c]]
     out = {
         "az_err_raw": raw.mean(),
         "az_err_aligned": aligned.mean(),
@@ -433,8 +491,11 @@ class ReconStage(AmodalStage):
             if float(m[key]) < 0:
                 raise ValueError(f"model.{key}={m[key]}: expected >= 0 (w_colour=0 turns the colour templates off)")
         self.m = m
-        self.crop_margin = float(cfg.loader.crop_margin)
-        self.net = ReconNet(m, num_categories=len(CATEGORIES), crop_size=int(cfg.loader.crop_size))
+        self.protocol = protocol_of(cfg)
+        # the cycle's renders are framed as the loader frames an unoccluded object under the protocol
+        self.crop_margin = synthetic_crop_margin(cfg)
+        self.net = ReconNet(m, num_categories=len(CATEGORIES), crop_size=int(cfg.loader.crop_size),
+                            protocol=self.protocol)
         self.regularisers = MeshRegularisers(self.net.faces, self.net.decoder.num_verts)
         self.el_range = tuple(float(v) for v in m.elevation_range)
         self.dist_range = tuple(float(v) for v in m.distance_range)
@@ -496,9 +557,9 @@ class ReconStage(AmodalStage):
         out = self.net.encode(x, batch["category"])
         verts = out["verts"]
         b = verts.shape[0]
-        box = self.net.target_box(batch)
+        box = self.net.target_box(batch, out["feat"])
         target = resize_mask(batch["visible"], size)
-        weight = 1.0 - resize_mask(batch["occluded"], size)
+        weight = 1.0 - resize_mask(unknown_pixels(batch), size)
         camera, best = self.net.select_camera(out, batch, box, tie_noise=1e-4)
 
         # one render call: every row with its own shape, then the swapped pairs
@@ -561,7 +622,7 @@ class ReconStage(AmodalStage):
     def _evaluate(self, batch: dict, split: str, metric, vis_metric, cam_metric) -> None:
         self.evaluate_batch(batch, metric)
         out, sil = self._last["out"], self._last["sil"]
-        vis_metric.update(visible_iou(sil, batch["visible"], batch["occluded"]))
+        vis_metric.update(visible_iou(sil, batch["visible"], monitor_unknown(batch)))
         true = batch["eval_camera"].float()
         chamfer, same = self._chamfer(out, batch, split), self._same_views(batch, split)
         cam_metric.update(torch.cat(

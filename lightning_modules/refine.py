@@ -49,6 +49,7 @@ from torch import nn
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.runs import find_stage_checkpoint
+from datamodules.protocols import gives_amodal_box, protocol_of
 from lightning_modules.common import AmodalStage
 from lightning_modules.registry import StageSpec
 from models.refine_net import GATES, RefineNet, region_losses
@@ -66,7 +67,7 @@ class RefineModelConfig:
     cache_prior: bool = True  # frozen prior: cache its coarse masks per instance during fit
     base_channels: int = 16
     depth: int = 3
-    gate: str = "occluded"  # free region: occluded (outside visible, inside the occluder) | outside_visible
+    gate: str = "auto"  # free region: occluded (outside visible, inside the occluder) | outside_visible | auto: by protocol
     region_specific: bool = True  # false: the plain ablation, p = sigmoid(h) everywhere
     coarse_residual: bool = True  # add gain * logit(coarse) to the UNet's logits
     unknown_occluder_prob: float = 0.1  # P(occluder input replaced by "anything outside visible") in training
@@ -216,7 +217,7 @@ def recon_prior(checkpoint: str | Path, render_size: int) -> tuple[ReconShapePri
     net = load_recon(str(checkpoint))
     source = {
         "kind": "recon", "checkpoint": str(checkpoint), "model": _recon_model_config(checkpoint),
-        "crop_size": int(net.crop_size),
+        "crop_size": int(net.crop_size), "protocol": net.protocol,
     }
     return ReconShapePrior(net, render_size), source
 
@@ -272,11 +273,9 @@ def prior_from_source(cfg: DictConfig, source: dict) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "recon":
-        from lightning_modules.recon import ReconModelConfig, ReconNet
+        from lightning_modules.viewpoint import recon_net_from_spec
 
-        model = OmegaConf.merge(OmegaConf.structured(ReconModelConfig), source["model"])
-        net = ReconNet(model, num_categories=len(CATEGORIES), crop_size=int(source["crop_size"])).eval()
-        return ReconShapePrior(net, int(cfg.model.prior_render_size))
+        return ReconShapePrior(recon_net_from_spec(source).eval(), int(cfg.model.prior_render_size))
     if kind == "render" and "spec" in source:  # rebuilt from its spec: no checkpoint file needed
         from lightning_modules.render import ShapePrior
 
@@ -309,6 +308,16 @@ def _rows(batch: dict, rows: list[int]) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
+def protocol_gate(gate: str, protocol: str) -> str:
+    """The free region of `model.gate` under `protocol`: auto = the occluder where the
+    protocol hands it out (gt-box), else everything outside the visible mask."""
+    if gate == "auto":
+        return "occluded" if gives_amodal_box(protocol) else "outside_visible"
+    if gate not in GATES:
+        raise ValueError(f"model.gate={gate!r}: expected auto or one of {', '.join(GATES)}")
+    return gate
+
+
 class RefineStage(AmodalStage):
     """The `refine` stage (see the module doc). prior_factory(cfg) -> nn.Module
     replaces build_prior (tests, custom priors); prior_source is what a checkpoint
@@ -321,12 +330,12 @@ class RefineStage(AmodalStage):
         m = self.cfg.model
         if str(m.prior) not in PRIOR_KINDS:
             raise ValueError(f"model.prior={m.prior!r}: expected one of {', '.join(PRIOR_KINDS)}")
-        if str(m.gate) not in GATES:
-            raise ValueError(f"model.gate={m.gate!r}: expected one of {', '.join(GATES)}")
+        self.protocol = protocol_of(self.cfg)
+        self.gate = protocol_gate(str(m.gate), self.protocol)
         if not 0.0 <= float(m.unknown_occluder_prob) <= 1.0:
             raise ValueError(f"model.unknown_occluder_prob={m.unknown_occluder_prob}: expected a probability")
         self.m = m
-        self.net = RefineNet(int(m.base_channels), int(m.depth), str(m.gate), bool(m.region_specific),
+        self.net = RefineNet(int(m.base_channels), int(m.depth), self.gate, bool(m.region_specific),
                              bool(m.coarse_residual))
         if str(m.prior) == "none":
             prior, source = None, {"kind": "none"}
@@ -430,7 +439,7 @@ class RefineStage(AmodalStage):
         becomes "anything outside the visible mask", what predict uses when no occluder
         is known."""
         p = float(self.m.unknown_occluder_prob)
-        if not self.training or p <= 0:
+        if not self.training or p <= 0 or not gives_amodal_box(self.protocol):  # gt-visible: never known
             return occluded
         unknown = (torch.rand(visible.shape[0], 1, 1, 1, device=visible.device) < p).float()
         return unknown * (1.0 - (visible > 0.5).float()) + (1.0 - unknown) * occluded

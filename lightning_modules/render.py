@@ -3,8 +3,9 @@ instance's crop frame — the coarse amodal mask the refine stage consumes.
 
 Everything 3D is frozen: the mesh comes from recon, the camera from recon's head
 or from the viewpoint estimator (`model.camera_source`: `recon`, `viewpoint`, or
-`auto` = the estimator when its checkpoint records a lower aligned validation
-azimuth error than recon's head and was trained on the recon checkpoint in use;
+`auto` = the estimator when its checkpoint records a higher validation
+visible-mask IoU of its render (outside the unknown pixels: no label) than
+recon's own camera and was trained on the recon checkpoint in use;
 the choice and its reason are printed and stored in the checkpoint). The mesh
 and camera of the viewpoint checkpoint's own embedded recon are used together,
 so the camera is always in the frame of the mesh it is applied to.
@@ -37,6 +38,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.runs import find_stage_checkpoint
+from datamodules.protocols import monitor_unknown, unknown_pixels
 from lightning_modules.common import AmodalStage, as_config
 from lightning_modules.registry import StageSpec
 from lightning_modules.viewpoint import (
@@ -97,13 +99,15 @@ def choose_camera_source(requested: str, recon_checkpoint: str | Path, viewpoint
     if not _same_file(viewpoint["recon_checkpoint"], recon_checkpoint):
         return "recon", (f"auto: the viewpoint checkpoint was trained on another recon checkpoint "
                          f"({viewpoint['recon_checkpoint']}); retrain viewpoint to use it")
-    errs = viewpoint["camera_errors"]
-    vp, rc = errs.get("az_err_viewpoint"), errs.get("az_err_recon")
+    # label-free: how well each camera's render explains the visible mask outside the
+    # unknown pixels on validation (no true camera is read)
+    scores = viewpoint["camera_errors"]
+    vp, rc = scores.get("visible_iou_viewpoint"), scores.get("visible_iou_recon")
     if vp is None or rc is None or not (math.isfinite(vp) and math.isfinite(rc)):
-        return "recon", "auto: the viewpoint checkpoint records no validation camera errors"
-    if vp < rc:
-        return "viewpoint", f"auto: val azimuth error (aligned) {vp:.1f} deg (viewpoint) < {rc:.1f} deg (recon)"
-    return "recon", f"auto: val azimuth error (aligned) {rc:.1f} deg (recon) <= {vp:.1f} deg (viewpoint)"
+        return "recon", "auto: the viewpoint checkpoint records no validation visible IoUs (retrain viewpoint)"
+    if vp > rc:
+        return "viewpoint", f"auto: val visible-mask IoU {vp:.3f} (viewpoint) > {rc:.3f} (recon)"
+    return "recon", f"auto: val visible-mask IoU {rc:.3f} (recon) >= {vp:.3f} (viewpoint)"
 
 
 # -- the shape prior ----------------------------------------------------------------------------
@@ -116,7 +120,8 @@ class ShapePrior(nn.Module):
     module holding a ShapePrior can rebuild it from its own hyperparameters and take the
     weights from its own state_dict. recon and the viewpoint estimator are always
     frozen (eval mode, no gradients); the placement head is trainable until frozen.
-    Reads batch keys rgb, visible, occluded, category, crop_box, amodal_box only."""
+    Reads batch keys rgb, visible, occluded, category, crop_box (and amodal_box under
+    gt-box, through recon's box) only."""
 
     def __init__(self, spec: dict) -> None:
         super().__init__()
@@ -160,7 +165,7 @@ class ShapePrior(nn.Module):
             verts, box, camera = rec["verts"], rec["box"], rec["camera"]
         else:
             rec = self.recon.encode(self.recon.inputs(batch), batch["category"])
-            verts, box = rec["verts"], self.recon.target_box(batch)
+            verts, box = rec["verts"], self.recon.target_box(batch, rec["feat"])
             camera = estimator_camera(self.recon, self.viewpoint.predict(batch), verts, batch, box)
         p = project(verts, camera, self.recon.renderer.fov)
         extent = (p.max(dim=1).values - p.min(dim=1).values).clamp_min(1e-4)
@@ -278,7 +283,7 @@ class RenderStage(AmodalStage):
         out = self.prior(batch)
         sil = self.prior.render(out, size)[:, 0]
         target = resize_mask(batch["visible"], size)
-        weight = 1.0 - resize_mask(batch["occluded"], size)
+        weight = 1.0 - resize_mask(unknown_pixels(batch), size)
         extent = placed_extent(out["verts"], out["camera"], out["place"], self.prior.recon.renderer.fov)
         losses = {
             "silhouette": silhouette_loss(sil, target, weight, float(m.w_iou), float(m.w_mse)).mean(),
@@ -309,7 +314,7 @@ class RenderStage(AmodalStage):
         from datamodules.crops import paste_crop_to_image
 
         self.evaluate_batch(batch, metric)
-        vis.update(visible_iou(self._last["sil"], batch["visible"], batch["occluded"]))
+        vis.update(visible_iou(self._last["sil"], batch["visible"], monitor_unknown(batch)))
         # recon's own rendering (its camera, single-scale fit): the row this stage improves on
         recon = self.prior.recon
         if self.prior.viewpoint is None:  # same mesh and camera as ours: only the placement differs

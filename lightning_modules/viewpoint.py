@@ -5,8 +5,9 @@ checkpoint of stage `recon`) predicts the instances' meshes; each mesh is
 rendered at a camera sampled from recon's prior (azimuth uniform on the circle,
 elevation and distance uniform in recon's ranges) into the crop frame the
 loader would build around it, cut by random erasers like the dataset's
-(models.occlusion_synth), and the estimator regresses the sampled camera from
-the visible and occluded masks. The cameras live in recon's learned canonical
+(models.occlusion_synth; under gt-visible re-framed on the visible part, with an
+empty occluded channel, as real gt-visible crops are), and the estimator
+regresses the sampled camera from the visible and occluded masks. The cameras live in recon's learned canonical
 frame, so the estimator can stand in for recon's camera head.
 
 The estimator reuses recon's classes (models.encoder.CropEncoder +
@@ -22,11 +23,13 @@ Validation compares, on real crops, the estimator's cameras and recon's own
 camera head with the true cameras (`eval_camera`: evaluation only), after the
 same per-category azimuth alignment recon reports (recon.camera_errors):
 `val/az_err_viewpoint`, `val/az_err_recon` (aligned mean azimuth error, deg) and
-the raw / median / acc30 / elevation / distance variants. Those numbers are also
-stored in every checkpoint (`camera_errors`), which is how the render stage's
-camera_source=auto picks the better camera. The checkpoint monitor needs no
-labels: the estimator's loss on self-generated renders of the val crops'
-meshes with fixed seeds (`val/synth_camera_loss`).
+the raw / median / acc30 / elevation / distance variants: evaluation only. Every
+checkpoint stores them with the label-free visible-mask IoUs of both cameras'
+renders on validation (`val/visible_iou`, `val/visible_iou_recon`: outside the
+unknown pixels), and the render stage's camera_source=auto compares those IoUs,
+never the camera errors. The checkpoint monitor needs no labels either: the
+estimator's loss on self-generated renders of the val crops' meshes with fixed
+seeds (`val/synth_camera_loss`).
 """
 
 from __future__ import annotations
@@ -42,12 +45,13 @@ from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.runs import find_stage_checkpoint
+from datamodules.protocols import LEGACY_PROTOCOL, gives_amodal_box, monitor_unknown, protocol_of
 from lightning_modules.common import AmodalStage, as_config
 from lightning_modules.recon import ReconModelConfig, ReconNet, camera_errors, load_recon
 from lightning_modules.registry import StageSpec
 from models.camera_head import CameraHead
 from models.encoder import CropEncoder, crop_channels
-from models.mesh_renderer import centred_box_ndc, fit_placement
+from models.mesh_renderer import centred_box_ndc, fit_placement, mask_boxes
 from models.occlusion_synth import OccluderParams, synth_occluders
 from models.recon_losses import camera_loss, sample_cameras, visible_iou
 
@@ -76,7 +80,8 @@ def recon_net_from_spec(spec: dict) -> ReconNet:
     keys recon added since the spec was written take recon's defaults, keys it dropped
     are carried along unread."""
     model = OmegaConf.merge(OmegaConf.create(asdict(ReconModelConfig())), spec["model"])
-    return ReconNet(model, num_categories=len(CATEGORIES), crop_size=int(spec["crop_size"]))
+    return ReconNet(model, num_categories=len(CATEGORIES), crop_size=int(spec["crop_size"]),
+                    protocol=spec.get("protocol", LEGACY_PROTOCOL))
 
 
 def load_recon_dependency(checkpoint: str | Path) -> tuple[ReconNet, dict]:
@@ -93,6 +98,7 @@ def load_recon_dependency(checkpoint: str | Path) -> tuple[ReconNet, dict]:
         "model": dict(cfg["model"]),
         "crop_size": int(cfg["loader"]["crop_size"]),
         "crop_margin": float(cfg["loader"]["crop_margin"]),
+        "protocol": protocol_of(cfg),
     }
     return net, spec
 
@@ -107,6 +113,12 @@ def freeze_(module: nn.Module) -> nn.Module:
 
 def check_crop_geometry(cfg: DictConfig, recon_spec: dict) -> None:
     """A frozen recon only places meshes correctly in crops built like its own."""
+    if protocol_of(cfg) != recon_spec.get("protocol", LEGACY_PROTOCOL):
+        raise ValueError(
+            f"protocol={protocol_of(cfg)} but the recon checkpoint {recon_spec['checkpoint']} was trained under "
+            f"{recon_spec.get('protocol', LEGACY_PROTOCOL)}: train recon under this protocol, or point "
+            "run.checkpoints.recon at one that was"
+        )
     if int(cfg.loader.crop_size) != int(recon_spec["crop_size"]):
         raise ValueError(
             f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {recon_spec['checkpoint']} was "
@@ -208,9 +220,14 @@ def synthesise(
     crop_margin: float,
     unoccluded_fraction: float = 0.0,
     generator: torch.Generator | None = None,
+    visible_margin: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Renders of `verts` at sampled cameras, framed like the loader's crops and cut by
-    random erasers: dict(camera (B,3), amodal, visible, occluded (B,1,S,S) {0,1}, category)."""
+    random erasers: dict(camera (B,3), amodal, visible, occluded, unknown (B,1,S,S) {0,1},
+    category). Under gt-box (visible_margin None) the frame is centred on the whole
+    render and `occluded` is the eraser; under gt-visible the samples are re-framed on
+    their visible box with `visible_margin`, as the loader frames real crops, and
+    `occluded` is empty, as in a gt-visible `erase` item (the eraser is `unknown`)."""
     b = verts.shape[0]
     s = recon.crop_size
     el = recon.camera_head.el_range
@@ -223,7 +240,15 @@ def synthesise(
         whole = torch.rand(b, generator=generator).to(verts.device) < unoccluded_fraction
         occluded = occluded * (~whole).float()[:, None, None, None]
     visible = amodal * (1.0 - occluded)
-    return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": occluded, "category": category}
+    if visible_margin is not None:
+        from datamodules.crops import crop_to_box, square_crop_box
+
+        frame = square_crop_box(mask_boxes(visible), float(visible_margin))
+        amodal, visible, occluded = (crop_to_box(torch.cat([amodal, visible, occluded], 1), frame, s) > 0.5).float().split(1, 1)
+        return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": torch.zeros_like(occluded),
+                "unknown": occluded, "category": category}
+    return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": occluded, "unknown": occluded,
+            "category": category}
 
 
 # -- the stage ---------------------------------------------------------------------------------
@@ -266,11 +291,14 @@ class ViewpointStage(AmodalStage):
         if not 0.0 <= float(m.unoccluded_fraction) <= 1.0:
             raise ValueError(f"model.unoccluded_fraction={m.unoccluded_fraction}: expected a share in [0, 1]")
         self.crop_margin = float(cfg.loader.crop_margin)
+        self.visible_margin = (None if gives_amodal_box(protocol_of(cfg))
+                               else float(cfg.loader.get("visible_crop_margin", 2.5)))
         self.el_range, self.dist_range = head.el_range, head.dist_range
         # per instance: category, estimator az/el/dist, recon az/el/dist, true az/el/dist
         self.val_cameras, self.test_cameras = CatMetric(), CatMetric()
         self.val_synth, self.test_synth = MeanMetric(), MeanMetric()
         self.val_visible_iou, self.test_visible_iou = MeanMetric(), MeanMetric()
+        self.val_visible_iou_recon, self.test_visible_iou_recon = MeanMetric(), MeanMetric()
         self.camera_summary: dict[str, float] = {}
         self._last: dict | None = None
 
@@ -287,7 +315,8 @@ class ViewpointStage(AmodalStage):
             if verts is None:
                 verts = self.recon.encode(self.recon.inputs(batch), batch["category"])["verts"]
             frac = float(self.m.unoccluded_fraction)
-            return synthesise(self.recon, verts, batch["category"], self.occluders, self.crop_margin, frac, generator)
+            return synthesise(self.recon, verts, batch["category"], self.occluders, self.crop_margin, frac, generator,
+                              self.visible_margin)
 
     def camera_losses(self, samples: dict) -> dict[str, torch.Tensor]:
         out = self.net(samples["visible"], samples["occluded"], samples["category"])
@@ -322,10 +351,14 @@ class ViewpointStage(AmodalStage):
         return self.recon(batch)["verts"], self.recon.faces
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _evaluate(self, batch: dict, batch_idx: int, metric, cameras, synth, vis) -> None:
+    def _evaluate(self, batch: dict, batch_idx: int, metric, cameras, synth, vis, vis_recon) -> None:
         self.evaluate_batch(batch, metric)
         last = self._last
-        vis.update(visible_iou(last["sil"], batch["visible"], batch["occluded"]))
+        unknown = monitor_unknown(batch)
+        vis.update(visible_iou(last["sil"], batch["visible"], unknown))
+        rec = last["recon"]  # recon's own camera, for the label-free comparison camera_source=auto makes
+        rec_sil = self.recon.renderer(rec["verts"], self.recon.faces, rec["camera"], rec["place"], self.recon.crop_size)
+        vis_recon.update(visible_iou(rec_sil[:, None], batch["visible"], unknown))
         cameras.update(torch.cat([
             batch["category"].float()[:, None], last["camera"], last["recon"]["camera"],
             batch["eval_camera"].float(),
@@ -335,10 +368,12 @@ class ViewpointStage(AmodalStage):
         synth.update(self.camera_losses(samples)["camera"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_metric, self.val_cameras, self.val_synth, self.val_visible_iou)
+        self._evaluate(batch, batch_idx, self.val_metric, self.val_cameras, self.val_synth, self.val_visible_iou,
+                       self.val_visible_iou_recon)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_metric, self.test_cameras, self.test_synth, self.test_visible_iou)
+        self._evaluate(batch, batch_idx, self.test_metric, self.test_cameras, self.test_synth, self.test_visible_iou,
+                       self.test_visible_iou_recon)
 
     def _log_cameras(self, cameras, prefix: str) -> dict[str, float]:
         rows = cameras.compute() if cameras.update_count else None
@@ -355,25 +390,30 @@ class ViewpointStage(AmodalStage):
                 summary[name] = float(v)
         return summary
 
-    def _epoch_end(self, prefix: str, cameras, synth, vis) -> dict[str, float]:
+    def _epoch_end(self, prefix: str, cameras, synth, vis, vis_recon) -> dict[str, float]:
+        """Logs the epoch's figures; returns the label-free visible IoUs of both camera
+        sources and the (evaluation-only) camera errors."""
+        ious = {"visible_iou_viewpoint": float(vis.compute()), "visible_iou_recon": float(vis_recon.compute())}
         self.log(f"{prefix}/synth_camera_loss", synth.compute())
-        self.log(f"{prefix}/visible_iou", vis.compute())
-        synth.reset()
-        vis.reset()
-        return self._log_cameras(cameras, prefix)
+        self.log(f"{prefix}/visible_iou", ious["visible_iou_viewpoint"])
+        self.log(f"{prefix}/visible_iou_recon", ious["visible_iou_recon"])
+        for metric in (synth, vis, vis_recon):
+            metric.reset()
+        return {**ious, **self._log_cameras(cameras, prefix)}
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        summary = self._epoch_end("val", self.val_cameras, self.val_synth, self.val_visible_iou)
+        summary = self._epoch_end("val", self.val_cameras, self.val_synth, self.val_visible_iou,
+                                  self.val_visible_iou_recon)
         if summary and not self.trainer.sanity_checking:
             self.camera_summary = {"split": "val", "epoch": int(self.current_epoch), **summary}
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        self._epoch_end("test", self.test_cameras, self.test_synth, self.test_visible_iou)
+        self._epoch_end("test", self.test_cameras, self.test_synth, self.test_visible_iou, self.test_visible_iou_recon)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # the val camera errors of the weights being saved: what camera_source=auto compares
+        # the val figures of the weights being saved: camera_source=auto compares their visible IoUs
         checkpoint["camera_errors"] = dict(self.camera_summary)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

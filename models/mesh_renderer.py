@@ -250,6 +250,20 @@ def pixel_box_to_ndc(box: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack([cx, cy, 2.0 * (x1 - x0) / size, 2.0 * (y1 - y0) / size], dim=-1)
 
 
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(B,4) xyxy pixel boxes (x2/y2 exclusive, as the dataset's boxes) of (B,1,S,S)
+    or (B,S,S) masks (> 0.5); an empty mask gets the whole frame."""
+    from torchvision.ops import masks_to_boxes
+
+    m = (masks.reshape(masks.shape[0], *masks.shape[-2:]) > 0.5)
+    h, w = m.shape[-2:]
+    out = m.new_tensor([[0.0, 0.0, w, h]], dtype=torch.float32).repeat(m.shape[0], 1)
+    full = m.flatten(1).any(dim=1)
+    if full.any():
+        out[full] = masks_to_boxes(m[full]).float() + out.new_tensor([0.0, 0.0, 1.0, 1.0])
+    return out
+
+
 def box_in_crop(box: torch.Tensor, crop_box: torch.Tensor, size: int) -> torch.Tensor:
     """Image-frame xyxy `box` expressed in the pixel frame of the SxS crop of `crop_box`."""
     x0, y0, x1, y1 = crop_box.unbind(-1)

@@ -74,20 +74,30 @@ def build_fake_dataset(tmp_path: Path) -> None:
 
 
 class LabelGuard(dict):
-    """A batch whose evaluation-only entries (`eval_*`, the hidden ground truth) raise
-    when read, except the `allowed` keys (a supervised stage's amodal target): the
-    proof that a training step does not see them. Iterating over every entry raises too."""
+    """A batch whose evaluation-only entries (`eval_*`, the hidden ground truth) and the
+    `hidden` keys (what the protocol hides: the amodal box under gt-visible, or the
+    unknown pixels of a gt-visible test batch) raise when read, except the `allowed`
+    keys (a supervised stage's amodal target): the proof that a step does not see
+    them. Iterating over every entry raises too."""
 
-    def __init__(self, data, allowed=()):
+    def __init__(self, data, allowed=(), hidden=()):
         super().__init__(data)
         self.allowed = set(allowed)
+        self.hidden = set(hidden)
 
     def __getitem__(self, key):
         if str(key).startswith("eval_") and key not in self.allowed:
             raise AssertionError(f"the training step read the evaluation-only key {key!r}")
+        if key in self.hidden:
+            raise AssertionError(f"the step read {key!r}, which the protocol hides")
         return super().__getitem__(key)
 
-    def get(self, key, default=None):
+    def __contains__(self, key):
+        return key not in self.hidden and super().__contains__(key)
+
+    def get(self, key, default=None):  # a hidden key is absent
+        if key in self.hidden:
+            return default
         return self[key] if key in self else default
 
     def items(self):
@@ -95,3 +105,8 @@ class LabelGuard(dict):
 
     def values(self):
         raise AssertionError("the training step iterated over every batch entry")
+
+
+#: what a gt-visible batch must never be read for (training: the amodal box; test: also the unknown pixels)
+GT_VISIBLE_TRAIN_HIDDEN = ("amodal_box",)
+GT_VISIBLE_TEST_HIDDEN = ("amodal_box", "unknown")

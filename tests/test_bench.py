@@ -123,22 +123,57 @@ def trained(tmp_path_factory):
     return tmp, cfg, summary, args
 
 
+def _test_arrays(cfg):
+    """(visible, amodal, occluder (H,W) bool stacks, amodal boxes, categories) of the test
+    instances, read from the shards without the crop pipeline."""
+    from datamodules.shards import SplitReader
+
+    r = SplitReader(cfg.data.root, "test")
+    masks = [r.instance_masks(i) for i in range(r.num_instances)]
+    stack = {k: np.stack([m[k] for m in masks]) for k in ("visible", "amodal", "occluder")}
+    return stack, r.index["amodal_box"], r.index["category"].astype(np.int64)
+
+
 def _floor_reference(cfg):
-    """gt-visible IoU of the visible mask (the crop's, pasted back to the image frame like
-    every method's prediction), scored by the independent numpy reference."""
-    from datamodules.crops import CropDataset, paste_crop_to_image
+    """IoU of the visible mask taken as the amodal mask, in the image frame, scored by the
+    independent numpy reference."""
     from test_metrics import reference
 
-    ds = CropDataset(cfg.data.root, "test", crop_size=cfg.loader.crop_size, crop_margin=cfg.loader.crop_margin)
-    items = [ds[i] for i in range(len(ds))]
-    h, w = items[0]["image_visible"].shape[-2:]
-    vis = np.stack([
-        paste_crop_to_image(it["visible"][None], it["crop_box"][None], h, w)[0, 0].numpy() > 0.5 for it in items
-    ])
-    amo = np.stack([it["eval_image_amodal"][0].numpy() > 0.5 for it in items])
-    cat = np.array([int(it["category"]) for it in items])
-    image_vis = np.stack([it["image_visible"][0].numpy() > 0.5 for it in items])
-    return reference(vis, amo, image_vis, cat)
+    m, _, cat = _test_arrays(cfg)
+    return reference(m["visible"], m["amodal"], m["visible"], cat)
+
+
+def test_box_rule_matches_an_independent_numpy_computation(trained):
+    """gt-box reference row: visible ∪ (occluder ∩ amodal box), per instance, in numpy."""
+    from amodal3d.bench.evaluate import eval_loader, evaluate_module
+    from amodal3d.bench.reference import BoxRule
+    from test_metrics import reference
+
+    tmp, cfg, summary, args = trained
+    box_cfg = OmegaConf.merge(cfg, {"protocol": "gt-box"})
+    m, boxes, cat = _test_arrays(cfg)
+    h, w = m["visible"].shape[1:]
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = np.stack([(xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1) for x0, y0, x1, y1 in boxes])
+    want = reference(m["visible"] | (m["occluder"] & inside), m["amodal"], m["visible"], cat)
+    got = evaluate_module(BoxRule(OmegaConf.merge(box_cfg, {"stage": "box"})), eval_loader(box_cfg),
+                          torch.device("cpu"))
+    assert float(got["miou"]) == pytest.approx(want["miou"], abs=1e-9)
+    assert float(got["miou_occ"]) == pytest.approx(want["miou_occ"], abs=1e-9)
+    assert float(got["miou"]) > float(_floor_reference(cfg)["miou"])
+
+
+def test_convex_hull_rule_contains_the_mask_and_fills_its_concavities():
+    from amodal3d.bench.reference import convex_hull_mask
+
+    m = np.zeros((16, 16), bool)
+    m[2:12, 2:5] = m[2:5, 2:12] = True  # an L: its hull is the triangle closing the corner
+    hull = convex_hull_mask(m)
+    assert (hull >= m).all() and hull[6, 6] and not hull[11, 11] and not hull[0, 0]
+    rect = np.zeros((8, 8), bool)
+    rect[2:5, 1:7] = True
+    assert np.array_equal(convex_hull_mask(rect), rect), "a convex mask is its own hull"
+    assert not convex_hull_mask(np.zeros((4, 4), bool)).any()
 
 
 def test_bench_table_end_to_end(trained, capsys):
@@ -147,7 +182,7 @@ def test_bench_table_end_to_end(trained, capsys):
     assert bench_run.main(["table", "--out", str(out), *args]) == 0
     printed = capsys.readouterr().out
     assert SEED_HEADER in printed
-    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "results.csv").read_text()))}
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "results-gt-visible.csv").read_text()))}
     assert rows["Deocclusion"]["status"] == "ok" and rows["Deocclusion"]["mIoU"] != ""
     assert Path(summary["best_checkpoint"]).name in rows["Deocclusion"]["checkpoint"]
     ref = _floor_reference(cfg)
@@ -160,6 +195,13 @@ def test_bench_table_end_to_end(trained, capsys):
     row = next(ln for ln in md_lines if ln.startswith("| Deocclusion |"))
     assert len(row.strip("|").split("|")) == 15
     assert (out / "tb").is_dir()
+    # one table per protocol, gt-visible first, each with its reference rows
+    text = (out / "results.md").read_text()
+    assert text.index("gt-visible protocol") < text.index("gt-box protocol")
+    assert "| convex hull of visible |" in text and "| box rule: visible ∪ (occluder ∩ amodal box) |" in text
+    box_rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "results-gt-box.csv").read_text()))}
+    assert box_rows["Deocclusion"]["status"] == "not trained", "gt-box scores the runs trained under gt-box only"
+    assert "reaches outside the crop" in text
 
 
 def test_bench_speed_and_all_record_failures(trained, monkeypatch, capsys):
@@ -197,15 +239,14 @@ def test_cli_hands_bench_its_own_help(capsys):
 def test_hardest_cases_are_the_lowest_iou_instances_per_category(trained):
     from amodal3d.bench.evaluate import eval_loader, floor_module
     from amodal3d.bench.hardest import hardest_instances, hardest_sheet
-    from datamodules.crops import CropDataset, paste_crop_to_image
+    from datamodules.crops import CropDataset
 
     tmp, cfg, summary, args = trained
     cases = hardest_instances(floor_module(cfg, torch.device("cpu")), eval_loader(cfg), torch.device("cpu"), 2)
     ds = CropDataset(cfg.data.root, "test", crop_size=cfg.loader.crop_size, crop_margin=cfg.loader.crop_margin)
     expected: dict[str, list[float]] = {}
     for it in (ds[i] for i in range(len(ds))):
-        h, w = it["image_visible"].shape[-2:]
-        pred = paste_crop_to_image(it["visible"][None], it["crop_box"][None], h, w)[0, 0].numpy() > 0.5
+        pred = it["image_visible"][0].numpy() > 0.5  # the floor is scored in the image frame: no paste
         gt = it["eval_image_amodal"][0].numpy() > 0.5
         expected.setdefault(CATEGORIES[int(it["category"])], []).append((pred & gt).sum() / max((pred | gt).sum(), 1))
     assert set(cases) == set(expected)
@@ -257,11 +298,11 @@ def test_visible_lost_counts_the_visible_pixels_a_prediction_drops(trained):
     tmp, cfg, summary, args = trained
     floor = floor_module(cfg, torch.device("cpu"))
     keeps = visible_lost(floor, eval_loader(cfg), torch.device("cpu"))
-    assert keeps["count"] > 0 and keeps["pixels"] < 0.01  # the visible mask itself, up to resampling
+    assert keeps["count"] > 0 and keeps["pixels"] == 0  # the visible mask itself, in the image frame
 
     class Empty(type(floor)):
-        def predict_amodal(self, batch):
-            return torch.zeros_like(batch["visible"]).float()
+        def rule(self, visible, occluded, box):
+            return torch.zeros_like(visible)
 
     empty = Empty(floor.cfg)
     assert visible_lost(empty, eval_loader(cfg), torch.device("cpu")) == {"pixels": 1.0, "instances": 1.0,

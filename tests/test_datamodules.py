@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -16,11 +17,13 @@ from datamodules.crops import (
 )
 from datamodules.images import DetectionDataModule, ImageDataset
 
+#: gt-box items (training and validation); gt-visible ones lack amodal_box, and its test items unknown
 CONTRACT = {
-    "rgb", "visible", "occluded", "category", "object_id", "crop_box", "amodal_box", "image_visible",
+    "rgb", "visible", "occluded", "unknown", "category", "object_id", "crop_box", "amodal_box", "image_visible",
     "image_occluded", "index", "eval_amodal", "eval_image_amodal", "eval_camera", "eval_view_id",
     "eval_occlusion",
 }
+GT_VISIBLE_CONTRACT = CONTRACT - {"amodal_box"}
 
 
 def fake_objects(data_cfg, category: str, split: str):
@@ -50,9 +53,10 @@ def paste_cfg(tmp_path_factory):
 
 
 def test_item_contract_and_crop_geometry(erase_cfg):
-    ds = CropDataset(erase_cfg.root, "val", crop_size=48, crop_margin=1.2)
+    ds = CropDataset(erase_cfg.root, "val", crop_size=48, crop_margin=1.2, protocol="gt-box")
     it = ds[3]
     assert set(it) == CONTRACT
+    assert torch.equal(it["unknown"], it["occluded"]), "gt-box hands out the occluded pixels"
     shapes = {"rgb": (3, 48, 48), "visible": (1, 48, 48), "occluded": (1, 48, 48), "category": (),
               "object_id": (), "crop_box": (4,), "amodal_box": (4,), "image_visible": (1, 64, 64),
               "image_occluded": (1, 64, 64), "index": (), "eval_amodal": (1, 48, 48),
@@ -64,7 +68,8 @@ def test_item_contract_and_crop_geometry(erase_cfg):
     for k in set(CONTRACT) - {"category", "object_id", "index", "eval_view_id"}:
         assert it[k].dtype == torch.float32, k
     assert 0 <= it["rgb"].min() and it["rgb"].max() <= 1
-    for k in ("visible", "occluded", "eval_amodal", "image_visible", "image_occluded", "eval_image_amodal"):
+    for k in ("visible", "occluded", "eval_amodal", "image_visible", "image_occluded", "eval_image_amodal",
+              "unknown"):
         assert set(torch.unique(it[k]).tolist()) <= {0.0, 1.0}, k
     x1, y1, x2, y2 = it["crop_box"].tolist()
     a = it["amodal_box"].tolist()
@@ -77,6 +82,45 @@ def test_item_contract_and_crop_geometry(erase_cfg):
     # hidden ground truth only under eval_*: the visible mask misses the hidden part
     occluded_items = [ds[i] for i in range(len(ds)) if float(ds[i]["eval_occlusion"]) > 0.2]
     assert occluded_items and all((x["eval_image_amodal"] > x["image_visible"]).any() for x in occluded_items)
+
+
+def test_gt_visible_items_place_crops_on_the_visible_box_and_hide_the_answer(erase_cfg):
+    from datamodules.composites import mask_box
+    from datamodules.crops import protocol_crop_boxes
+
+    val = CropDataset(erase_cfg.root, "val", crop_size=48, visible_crop_margin=2.0, protocol="gt-visible")
+    test = CropDataset(erase_cfg.root, "test", crop_size=48, visible_crop_margin=2.0, protocol="gt-visible")
+    assert set(val[3]) == GT_VISIBLE_CONTRACT
+    assert set(test[3]) == GT_VISIBLE_CONTRACT - {"unknown"}, "a gt-visible test item says nothing of the eraser"
+    for ds in (val, test):
+        for i in (0, 3, len(ds) - 1):
+            it = ds[i]
+            v = mask_box(it["image_visible"][0].numpy() > 0.5)
+            x1, y1, x2, y2 = it["crop_box"].tolist()
+            assert x2 - x1 == pytest.approx(max(v[2] - v[0], v[3] - v[1]) * 2.0)
+            assert (x1 + x2) / 2 == pytest.approx((v[0] + v[2]) / 2) and (y1 + y2) / 2 == pytest.approx((v[1] + v[3]) / 2)
+            # one object per erase image: no other instance, so nothing is handed out as occluded
+            assert it["occluded"].sum() == 0 and it["image_occluded"].sum() == 0
+    it = val[3]
+    eraser = CropDataset(erase_cfg.root, "val", crop_size=48, protocol="gt-box")[3]["image_occluded"]
+    assert torch.equal(it["unknown"], (crop_to_box(eraser[None], it["crop_box"][None], 48) > 0.5).float()[0])
+    # the placement reads no amodal field: it works on an index without one
+    idx = {k: v for k, v in val.reader.index.items() if k != "amodal_box"}
+    assert np.array_equal(protocol_crop_boxes(idx, "gt-visible", 1.15, 2.0), val._crop_boxes())
+
+
+def test_gt_visible_occluded_is_the_other_instances_visible_masks(paste_cfg):
+    ds = CropDataset(paste_cfg.root, "val", protocol="gt-visible", visible_crop_margin=2.0)
+    r = ds.reader
+    checked = 0
+    for img in range(r.num_images):
+        lo, hi = r.instance_range(img)
+        vis = r.image_masks(img, ["visible"])["visible"]
+        for i in range(lo, hi):
+            others = np.delete(vis, i - lo, axis=0).any(axis=0)
+            assert np.array_equal(ds[i]["image_occluded"][0].numpy() > 0.5, others)
+            checked += int(hi - lo > 1)
+    assert checked > 0
 
 
 def test_crop_identity_and_paste_back_round_trip():
@@ -115,7 +159,7 @@ def test_views_per_item_pairs_share_the_object(erase_cfg):
 
 def test_datamodule_full_epoch_with_two_workers(erase_cfg):
     loader = LoaderConfig(batch_size=7, num_workers=2, crop_size=32, persistent_workers=True)
-    dm = CropDataModule(erase_cfg, loader)
+    dm = CropDataModule(erase_cfg, loader, protocol="gt-box")
     dm.prepare_data()  # built already: returns at once
     dm.setup("fit")
     seen = []

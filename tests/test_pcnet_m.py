@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,9 +58,9 @@ def disk_batch(b: int, s: int = 32, seed: int = 0) -> dict:
             "category": torch.zeros(b, dtype=torch.long), "eval_amodal": amodal.float()}
 
 
-def small_module(**model) -> PCNetMModule:
+def small_module(protocol: str = "gt-box", **model) -> PCNetMModule:
     overrides = [f"model.{k}={v}" for k, v in {"base_channels": 4, "depth": 2, **model}.items()]
-    return PCNetMModule(load_config("pcnet_m", overrides=overrides))
+    return PCNetMModule(load_config("pcnet_m", overrides=overrides + [f"protocol={protocol}"]))
 
 
 def test_stage_is_registered_as_deocclusion():
@@ -111,7 +113,7 @@ def test_loss_is_weighted_inside_the_eraser_and_handles_behind():
     eraser = torch.zeros_like(target)
     eraser[:, :, 8:20, 8:20] = 1
     front = torch.tensor([True, True, False, False])
-    m.sample_erasers = lambda v: (eraser, front)
+    m.sample_erasers = lambda v, generator=None: (eraser, front)
     torch.manual_seed(0)
     loss = m.pcnet_loss(target, b["rgb"])
     # the independent computation: behind erasers lose the target's pixels, inputs are modal ∖ eraser
@@ -132,6 +134,38 @@ def test_predict_amodal_completes_only_inside_the_occluder():
     assert p.shape == (5, 1, 32, 32) and float(p.min()) >= 0 and float(p.max()) <= 1
     outside = b["occluded"] < 0.5
     assert torch.equal(p[outside], b["visible"][outside])
+
+
+def test_gt_visible_prediction_erases_everything_outside_the_visible_mask():
+    """No eraser is handed out under gt-visible: PCNet-M may complete anywhere outside
+    the visible mask, keeps the visible mask, and never reads the occluded channel."""
+    m = small_module("gt-visible").eval()
+    b = disk_batch(5, seed=4)
+    guarded = LabelGuard({k: v for k, v in b.items() if k != "occluded"}, hidden=("amodal_box", "unknown"))
+    with torch.no_grad():
+        p = m.predict_amodal(guarded)
+        logits = m(b["visible"], 1 - b["visible"], b["rgb"])
+    vis = b["visible"] > 0.5
+    assert torch.equal(p[vis], torch.ones_like(p[vis]))
+    assert torch.allclose(p[~vis], torch.sigmoid(logits)[~vis])
+
+
+def test_the_label_free_monitor_is_the_completion_loss_with_fixed_erasers():
+    m = small_module("gt-visible").eval()
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    m.evaluate_batch = lambda batch, metric: None  # the amodal score is logged, not monitored
+    b = disk_batch(6, seed=5)
+    runs = []
+    for _ in range(2):
+        with torch.no_grad():
+            m.validation_step(LabelGuard(b), 0)
+        m.val_completion.compute()
+        runs.append(float(m.val_completion.compute()))
+        m.val_completion.reset()
+    assert runs[0] == runs[1] and math.isfinite(runs[0]) and runs[0] > 0  # same erasers, no amodal label
+    cfg = load_config("pcnet_m")
+    assert cfg.run.monitor == "val/completion_loss" and cfg.run.monitor_mode == "min"
 
 
 def _iou(pred, gt):

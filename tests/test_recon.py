@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fakes import LabelGuard
+from fakes import GT_VISIBLE_TEST_HIDDEN, GT_VISIBLE_TRAIN_HIDDEN, LabelGuard
 from amodal3d.config import load_config
 from lightning_modules.recon import (
     ReconNet,
@@ -43,8 +43,10 @@ from models.recon_losses import (
 S = 64
 
 
-def _cfg(tmp_path: Path | None = None, overrides: list[str] | None = None):
-    ov = ["model.backbone=resnet10t", "model.feat_dim=32", "model.render_size=16", "loader.num_workers=0"]
+def _cfg(tmp_path: Path | None = None, overrides: list[str] | None = None, protocol: str = "gt-box"):
+    """A small recon config; gt-box by default (the synthetic batches carry their amodal box)."""
+    ov = ["model.backbone=resnet10t", "model.feat_dim=32", "model.render_size=16", "loader.num_workers=0",
+          f"protocol={protocol}"]
     if tmp_path is not None:
         ov += [f"data.root={tmp_path / 'data'}", f"run.root={tmp_path / 'runs'}"]
     return load_config("recon", overrides=ov + (overrides or []))
@@ -62,7 +64,7 @@ def synthetic_batch(objects: int = 2, views: int = 2, seed: int = 0) -> dict[str
     g = torch.Generator().manual_seed(seed)
     renderer = CropRenderer(backend="pytorch3d")
     rows: dict[str, list] = {k: [] for k in (
-        "rgb", "visible", "occluded", "category", "object_id", "crop_box", "amodal_box",
+        "rgb", "visible", "occluded", "unknown", "category", "object_id", "crop_box", "amodal_box",
         "eval_amodal", "eval_camera")}
     for o in range(objects):
         verts, faces = _ellipsoid((1.0, 0.5 + 0.3 * o, 0.35))
@@ -79,6 +81,7 @@ def synthetic_batch(objects: int = 2, views: int = 2, seed: int = 0) -> dict[str
             rows["rgb"].append(sil.float()[None].repeat(3, 1, 1) * torch.tensor([0.8, 0.3, 0.2]).view(3, 1, 1))
             rows["visible"].append((sil & ~occ).float()[None])
             rows["occluded"].append(occ.float()[None])
+            rows["unknown"].append(occ.float()[None])
             rows["category"].append(torch.tensor(o % 2))
             rows["object_id"].append(torch.tensor(o))
             rows["crop_box"].append(torch.tensor([0.0, 0.0, S, S]))
@@ -310,11 +313,14 @@ def test_view_frame_chamfer_is_zero_for_the_true_mesh_and_view():
 # -- the stage --------------------------------------------------------------------------------
 
 
-def test_training_step_reads_no_hidden_labels_and_trains_everything():
+@pytest.mark.parametrize("protocol", ["gt-box", "gt-visible"])
+def test_training_step_reads_no_hidden_labels_and_trains_everything(protocol):
     torch.manual_seed(0)
-    cfg = _cfg(overrides=["model.cycle_start_step=0", "model.offset_warmup_steps=0", "model.camera_hypotheses=2", "model.rgb_dropout=0.5"])
+    cfg = _cfg(overrides=["model.cycle_start_step=0", "model.offset_warmup_steps=0", "model.camera_hypotheses=2",
+                          "model.rgb_dropout=0.5"], protocol=protocol)
     stage = ReconStage(cfg)
-    batch = LabelGuard(synthetic_batch(objects=2, views=2))
+    hidden = GT_VISIBLE_TRAIN_HIDDEN if protocol == "gt-visible" else ()
+    batch = LabelGuard(synthetic_batch(objects=2, views=2), hidden=hidden)
     loss = stage.training_step(batch, 0)
     assert torch.isfinite(loss)
     loss.backward()
@@ -322,10 +328,30 @@ def test_training_step_reads_no_hidden_labels_and_trains_everything():
         "encoder": stage.net.encoder, "mesh head": stage.net.decoder.head,
         "camera head": stage.net.camera_head,
     }
+    if protocol == "gt-visible":  # the mesh's box is predicted, and learned by the silhouette losses
+        nets["box head"] = stage.net.box_head
+    else:
+        assert stage.net.box_head is None
     for name, mod in nets.items():
         grads = [p.grad for p in mod.parameters() if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0, f"no gradient reaches the {name}"
     assert stage.net.decoder.template.grad.abs().sum() > 0
+
+
+def test_gt_visible_prediction_reads_only_the_protocols_inputs():
+    """Under gt-visible the mesh is placed on a box predicted from the crop: at test
+    time neither the amodal box nor the unknown pixels are read, and an untrained box
+    head places it on the visible box."""
+    from models.mesh_renderer import mask_boxes, pixel_box_to_ndc
+
+    stage = ReconStage(_cfg(overrides=["model.camera_hypotheses=2"], protocol="gt-visible")).eval()
+    batch = LabelGuard(synthetic_batch(objects=1, views=2), hidden=GT_VISIBLE_TEST_HIDDEN)
+    with torch.no_grad():
+        sil = stage.predict_amodal(batch)
+        out = stage.net(batch)
+    assert sil.shape == (2, 1, S, S) and torch.isfinite(sil).all()
+    vis_box = pixel_box_to_ndc(mask_boxes(synthetic_batch(objects=1, views=2)["visible"]), S)
+    assert torch.allclose(out["box"], vis_box, atol=1e-6)
 
 
 def test_training_step_uses_the_swap_and_cycle_terms(monkeypatch):
@@ -422,13 +448,15 @@ def test_short_run_checkpoints_logs_pictures_and_reloads(tiny_root, tmp_path):
 
 def test_mesh_sheet_shows_every_category_with_its_true_mesh(tiny_root, tmp_path):
     from amodal3d.bench.evaluate import eval_loader
-    from amodal3d.bench.meshes import collect_reconstructions, mesh_sheet
+    from amodal3d.bench.meshes import camera_report, mesh_sheet
 
     cfg = load_config("recon", overrides=_tiny_overrides(tmp_path, tiny_root))
     stage = ReconStage(cfg)
-    cases, errors = collect_reconstructions(stage, eval_loader(cfg), torch.device("cpu"), per_category=1,
-                                            true_meshes=TrueMeshes(tiny_root))
+    cases, errors = camera_report(stage, eval_loader(cfg, "val"), eval_loader(cfg), torch.device("cpu"),
+                                  true_meshes=TrueMeshes(tiny_root))
+    cases = {c: v[:1] for c, v in cases.items()}
     assert sorted(cases) == ["car", "chair"] and all(len(v) == 1 for v in cases.values())
+    assert errors["offsets_fitted_on"] == "val" and 0 <= errors["constant"]["az_err_aligned"] <= 180
     assert errors["instances"] == 12 and 0 <= errors["az_err_aligned"] <= 180 and errors["chamfer"] > 0
     assert 0 <= errors["views_with_twin"] <= 1 and errors["az_err_symaware"] <= errors["az_err_aligned"] + 1e-6
     assert sorted(errors["per_category"]) == ["car", "chair"]
@@ -442,7 +470,8 @@ def test_mesh_sheet_shows_every_category_with_its_true_mesh(tiny_root, tmp_path)
 def test_training_step_under_bf16_autocast_keeps_geometry_in_float32():
     """trainer.precision=bf16-mixed: the sparse Laplacian has no bf16 backward and the
     renderer needs float32, so geometry runs outside autocast (models.precision)."""
-    cfg = load_config("recon", overrides=["model.feat_dim=32", "model.render_size=16", "model.cycle_start_step=0"])
+    cfg = load_config("recon", overrides=["model.feat_dim=32", "model.render_size=16", "model.cycle_start_step=0",
+                                          "protocol=gt-box"])
     stage = ReconStage(cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = stage.training_step(synthetic_batch(objects=2, views=2), 0)

@@ -193,10 +193,10 @@ def test_estimator_camera_uses_recons_selection_rule(batch):
 
     torch.manual_seed(0)
     recon = recon_net_from_spec({"model": {"feat_dim": 32, "camera_hypotheses": 3, "select_size": 16},
-                                 "crop_size": S}).eval()
+                                 "crop_size": S, "protocol": "gt-visible"}).eval()
     with torch.no_grad():
         out = recon.encode(recon.inputs(batch), batch["category"])
-        box = recon.target_box(batch)
+        box = recon.target_box(batch, out["feat"])
         hyp = torch.tensor([[30.0, 30.0, 2.7], [150.0, 30.0, 2.7], [270.0, 30.0, 2.7]]).repeat(6, 1, 1)
         est = {"hypotheses": hyp, "camera": torch.tensor([[0.0, 0.0, 3.0]]).repeat(6, 1)}  # not the pick
         got = estimator_camera(recon, est, out["verts"], batch, box)
@@ -225,11 +225,18 @@ def test_viewpoint_fast_dev_run_through_the_runner(recon_runs, tiny_root):
 def test_camera_source_choice(tmp_path):
     recon = tmp_path / "recon.ckpt"
     other = tmp_path / "other.ckpt"
+    # label-free: the visible-mask IoUs decide; the true-camera errors (recorded for
+    # evaluation) point the other way and are not read
     vp = {"checkpoint": "vp.ckpt", "recon_checkpoint": str(recon),
-          "camera_errors": {"az_err_viewpoint": 20.0, "az_err_recon": 35.0}}
+          "camera_errors": {"visible_iou_viewpoint": 0.8, "visible_iou_recon": 0.7,
+                            "az_err_viewpoint": 40.0, "az_err_recon": 20.0}}
     assert choose_camera_source("auto", recon, vp)[0] == "viewpoint"
-    assert choose_camera_source("auto", recon, dict(vp, camera_errors={"az_err_viewpoint": 40.0,
+    assert choose_camera_source("auto", recon, dict(vp, camera_errors={"visible_iou_viewpoint": 0.6,
+                                                                        "visible_iou_recon": 0.7,
+                                                                        "az_err_viewpoint": 10.0,
                                                                         "az_err_recon": 35.0}))[0] == "recon"
+    only_truth = dict(vp, camera_errors={"az_err_viewpoint": 10.0, "az_err_recon": 35.0})
+    assert choose_camera_source("auto", recon, only_truth)[0] == "recon"  # no label-free score: no switch
     assert choose_camera_source("auto", recon, None) == ("recon", "auto: no viewpoint checkpoint")
     source, why = choose_camera_source("auto", other, vp)  # trained on another recon: stale
     assert source == "recon" and "another recon" in why
@@ -325,17 +332,17 @@ def test_render_auto_uses_the_better_camera(recon_runs, tiny_root, tmp_path):
     (vp_runs / "default").mkdir(parents=True)
     (vp_runs / "default" / "recon").symlink_to(runs / "default" / "recon", target_is_directory=True)
     vp_stage = ViewpointStage(_cfg("viewpoint", tiny_root, vp_runs))
-    vp_stage.camera_summary = {"az_err_viewpoint": 12.0, "az_err_recon": 30.0}
+    vp_stage.camera_summary = {"visible_iou_viewpoint": 0.9, "visible_iou_recon": 0.6}
     _save_run(vp_stage, vp_runs, "viewpoint", "v1")
     good = RenderStage(_cfg("render", tiny_root, vp_runs))
     assert good.deps["spec"]["camera_source"] == "viewpoint" and good.prior.viewpoint is not None
     for a, b in zip(good.prior.viewpoint.state_dict().values(), vp_stage.net.state_dict().values()):
         assert torch.equal(a, b)
-    vp_stage.camera_summary = {"az_err_viewpoint": 50.0, "az_err_recon": 30.0}
+    vp_stage.camera_summary = {"visible_iou_viewpoint": 0.5, "visible_iou_recon": 0.6}
     _save_run(vp_stage, vp_runs, "viewpoint", "v2")  # the latest run wins
     worse = RenderStage(_cfg("render", tiny_root, vp_runs))
     assert worse.deps["spec"]["camera_source"] == "recon" and worse.prior.viewpoint is None
-    assert "30.0" in worse.deps["camera_choice"]
+    assert "0.600" in worse.deps["camera_choice"]
     with pytest.raises(FileNotFoundError, match="make train STAGE=viewpoint"):
         RenderStage(_cfg("render", tiny_root, runs, ["model.camera_source=viewpoint"]))
 
@@ -379,3 +386,40 @@ def test_load_shape_prior_gives_the_frozen_coarse_mask(recon_runs, tiny_root, ba
         assert shape_prior_from_checkpoint(ckpt).coarse_mask(batch, size=32).shape == (6, 1, 32, 32)
     prior.train()  # a holder in training mode must not wake the frozen networks
     assert not prior.recon.training
+
+
+# -- label-free model selection -------------------------------------------------------------------
+
+
+def _scrambled(batch: dict) -> dict:
+    """The batch with every evaluation-only entry (amodal masks, true cameras) replaced by noise."""
+    g = torch.Generator().manual_seed(0)
+    out = dict(batch)
+    for k, v in batch.items():
+        if k.startswith("eval_"):
+            out[k] = (torch.rand(v.shape, generator=g) * (360.0 if k == "eval_camera" else 1.0)).to(v.dtype)
+    return out
+
+
+def test_label_free_monitors_ignore_the_hidden_labels(recon_runs, tiny_root, batch):
+    """What recon, viewpoint and render choose checkpoints and camera sources by does not
+    change when the amodal masks and true cameras of the batch are replaced by noise."""
+    runs, _ = recon_runs
+    stages = {
+        ReconStage(_cfg("recon", tiny_root, runs)): ("val_visible_iou",),
+        ViewpointStage(_cfg("viewpoint", tiny_root, runs)): ("val_synth", "val_visible_iou", "val_visible_iou_recon"),
+        RenderStage(_cfg("render", tiny_root, runs, ["model.camera_source=recon"])): ("val_visible_iou",),
+    }
+    for stage, names in stages.items():
+        stage.eval()
+        values = []
+        for b in (batch, _scrambled(batch)):
+            with torch.no_grad():
+                stage.validation_step(b, 0)
+            values.append([float(getattr(stage, n).compute()) for n in names])
+            for n in names:
+                getattr(stage, n).reset()
+        assert values[0] == values[1] and all(math.isfinite(v) for v in values[0]), type(stage).__name__
+    assert load_config("recon").run.monitor == "val/visible_iou"
+    assert load_config("render").run.monitor == "val/visible_iou"
+    assert load_config("viewpoint").run.monitor == "val/synth_camera_loss"

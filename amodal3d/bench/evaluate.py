@@ -1,8 +1,9 @@
-"""Find the trained methods, load them, and score them on the test split (gt-visible).
+"""Find the trained methods, load them, and score them on the test split under the
+config's protocol (datamodules.protocols).
 
 Scoring goes through the stage's own `evaluate_batch` (the code validation
 uses), so the table and the training curves cannot disagree on the protocol.
-The `visible` reference row needs no training: it predicts the visible mask.
+The reference rows (amodal3d.bench.reference) need no training and come first.
 """
 
 from __future__ import annotations
@@ -21,16 +22,10 @@ from amodal3d.bench.table import NOT_TRAINED, MethodResult
 from amodal3d.categories import CATEGORIES
 from amodal3d.config import REPO_ROOT
 from amodal3d.runs import best_checkpoint, find_stage_checkpoint
+from amodal3d.bench.reference import FLOOR, VisibleFloor, reference_modules
+from datamodules.protocols import protocol_of
 from lightning_modules.common import AmodalStage
 
-FLOOR = "visible"
-
-
-class VisibleFloor(AmodalStage):
-    """The reference row: the visible mask taken as the amodal prediction."""
-
-    def predict_amodal(self, batch: dict) -> torch.Tensor:
-        return batch["visible"].float()
 
 
 @dataclass
@@ -134,7 +129,10 @@ def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None
         module = spec.module.load_from_checkpoint(str(entry.checkpoint), map_location=device)
     if not isinstance(module, AmodalStage):
         raise TypeError(f"stage {entry.stage!r}: {type(module).__name__} is not an AmodalStage, "
-                        "it cannot be scored under the gt-visible protocol")
+                        "it cannot be scored per instance")
+    if cfg is not None and protocol_of(module.cfg) != protocol_of(cfg):
+        raise ValueError(f"{entry.name}: trained under protocol {protocol_of(module.cfg)}, benchmarked under "
+                         f"{protocol_of(cfg)}; benchmark it with --protocol {protocol_of(module.cfg)}")
     return module.to(device).eval()
 
 
@@ -150,7 +148,8 @@ def eval_loader(cfg: DictConfig, split: str = "test"):
     from datamodules.crops import CropDataModule
 
     ensure_dataset(cfg.data)
-    dm = CropDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}))
+    dm = CropDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}),
+                        protocol=protocol_of(cfg))
     return dm.make_loader(dm.dataset(split), split)
 
 
@@ -180,22 +179,23 @@ def evaluate_all(
     max_batches: int | None = None,
     with_floor: bool = True,
 ) -> list[MethodResult]:
-    """The table's rows: the `visible` floor first, then every entry (evaluated or marked)."""
+    """The table's rows: the protocol's reference rows first (with_floor), then every
+    entry (evaluated or marked)."""
     loader = eval_loader(cfg)
     rows: list[MethodResult] = []
-    todo: list[MethodEntry] = []
+    todo: list[tuple[MethodEntry, AmodalStage | None]] = []
     if with_floor:
-        todo.append(MethodEntry(FLOOR, None))
+        todo += [(MethodEntry(name, None), module) for name, module in reference_modules(cfg, device)]
     for e in entries:
         if e.status != "ok":
             rows.append(MethodResult(name=e.name, stage=e.stage, status=e.status))
             continue
-        todo.append(e)
+        todo.append((e, None))
     evaluated = []
-    for e in todo:
+    for e, module in todo:
         name, stage, ckpt = e.name, e.stage, e.checkpoint
         try:
-            module = floor_module(cfg, device) if stage is None else load_method(e, device, cfg)
+            module = module if module is not None else load_method(e, device, cfg)
             res = evaluate_module(module, loader, device, max_batches)
         except Exception as err:
             print(f"[bench] {name}: evaluation failed: {err!r}", file=sys.stderr)
@@ -204,8 +204,9 @@ def evaluate_all(
             continue
         print(f"[bench] {name}: mIoU {100 * float(res['miou']):.1f} ({res['seconds']:.1f}s)", flush=True)
         evaluated.append(MethodResult.from_metric(
-            name, res, stage=stage, checkpoint=_rel(ckpt), seconds=res["seconds"]))
-    # the floor first, then evaluated methods, then those that could not be evaluated
+            name, res, stage=stage, checkpoint=_rel(ckpt), seconds=res["seconds"],
+            reference=stage is None))
+    # the reference rows first, then evaluated methods, then those that could not be evaluated
     return evaluated + rows
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from datamodules.crops import CropDataModule, _CropSampler, crop_arrays, square_crop_box
+from datamodules.crops import CropDataModule, _CropSampler, crop_arrays, protocol_crop_boxes
 
 
 def _cpu_seconds() -> float:
@@ -44,7 +44,7 @@ def _in_memory_rate(dm: CropDataModule, split: str, n_items: int, batch_size: in
     vis = np.stack([m["visible"] for m in masks])
     occ = np.stack([m["occluder"] for m in masks])
     amo = np.stack([m["amodal"] for m in masks])
-    boxes = square_crop_box(idx["amodal_box"][rows], ds.crop_margin)
+    boxes = protocol_crop_boxes(idx, ds.protocol, ds.crop_margin, ds.visible_crop_margin)[rows]
     sampler = _CropSampler(ds.crop_size, r.height, r.width)
     c0, t0 = _cpu_seconds(), time.perf_counter()
     for lo in range(0, len(rows), batch_size):
@@ -83,8 +83,8 @@ def _loader_rate(dm: CropDataModule, workers: int, batches: int) -> tuple[float,
 def _with(cfg: Any, **kw: Any) -> Any:
     from types import SimpleNamespace
 
-    d = {k: getattr(cfg, k) for k in ("batch_size", "num_workers", "crop_size", "crop_margin", "pin_memory",
-                                       "persistent_workers")}
+    d = {k: getattr(cfg, k) for k in ("batch_size", "num_workers", "crop_size", "crop_margin", "visible_crop_margin",
+                                       "pin_memory", "persistent_workers") if hasattr(cfg, k)}
     d.update(kw)
     return SimpleNamespace(**d)
 

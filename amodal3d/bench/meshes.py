@@ -2,6 +2,12 @@
 
 The errors are recon's own evaluation (azimuth/elevation/distance against the
 true cameras, view-frame Chamfer distance against the true synth13 meshes). The
+per-category azimuth offsets that align recon's arbitrary canonical frame with
+the true one are fitted on the validation split and applied to the test split.
+Beside recon stands a constant camera (every instance: elevation and distance at
+the middle of the camera head's ranges, where it starts, and the best single
+azimuth per category, fitted on validation) - the error a method with no view
+information gets. The
 sheet shows, for a few test instances of every category: the input crop, the predicted mesh
 rendered (shaded, the dataset's renderer) from the predicted camera and from two
 other azimuths, and the true synth13 mesh from the true camera. A picture of
@@ -29,14 +35,59 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
     return (rgba[..., :3] * a + 255.0 * (1.0 - a)).astype(np.uint8)
 
 
+def constant_camera_rows(rows: torch.Tensor, elevation: float, distance: float) -> torch.Tensor:
+    """camera_errors rows with the prediction replaced by one constant camera
+    (azimuth 0 before the per-category offset; no Chamfer)."""
+    out = rows.clone()
+    out[:, 1], out[:, 2], out[:, 3] = 0.0, float(elevation), float(distance)
+    out[:, 7] = float("nan")
+    return out
+
+
+def split_errors(rows: torch.Tensor, offsets: dict) -> dict:
+    """camera_errors of rows (overall and per category) under the given offsets."""
+    from lightning_modules.recon import camera_errors
+
+    errors = {k: float(v) for k, v in camera_errors(rows, len(CATEGORIES), offsets).items()}
+    errors["per_category"] = {
+        CATEGORIES[c]: {k: float(v) for k, v in camera_errors(rows[rows[:, 0] == c], len(CATEGORIES), offsets).items()}
+        for c in sorted(set(rows[:, 0].long().tolist()))
+    }
+    errors["instances"] = int(len(rows))
+    return errors
+
+
+def camera_report(stage, val_loader, test_loader, device: torch.device, true_meshes=None,
+                  max_batches: int | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """(test cases for the mesh sheet, errors): recon's test errors and the constant
+    camera's ("constant"), each with azimuth offsets fitted on validation."""
+    from lightning_modules.recon import camera_offsets
+
+    _, val_rows = collect_reconstructions(stage, val_loader, device, 0, true_meshes, max_batches, split="val",
+                                          chamfer=False)
+    cases, test_rows = collect_reconstructions(stage, test_loader, device, 2, true_meshes, max_batches)
+    if not len(test_rows):
+        return cases, {"instances": 0}
+    head = stage.net.camera_head
+    el, dist = 0.5 * sum(head.el_range), 0.5 * sum(head.dist_range)
+    errors = split_errors(test_rows, camera_offsets(val_rows, len(CATEGORIES)))
+    const_val = constant_camera_rows(val_rows, el, dist)
+    errors["constant"] = split_errors(constant_camera_rows(test_rows, el, dist),
+                                      camera_offsets(const_val, len(CATEGORIES)))
+    errors["constant"]["camera"] = {"elevation": el, "distance": dist}
+    errors["offsets_fitted_on"] = "val"
+    return cases, errors
+
+
 @torch.no_grad()
 def collect_reconstructions(stage, loader, device: torch.device, per_category: int = 2,
-                            true_meshes=None, max_batches: int | None = None) -> tuple[dict[str, list[dict]], dict]:
-    """Over the whole loader (the test split): the first `per_category` instances of
+                            true_meshes=None, max_batches: int | None = None, split: str = "test",
+                            chamfer: bool = True) -> tuple[dict[str, list[dict]], torch.Tensor]:
+    """Over the whole loader (of `split`): the first `per_category` instances of
     each category as recon predicts them ({category: [{rgb, verts, faces, camera,
-    object_id, true_camera}]}), and recon's camera and shape errors against the true
-    cameras and meshes (lightning_modules.recon.camera_errors, evaluation only)."""
-    from lightning_modules.recon import camera_errors, view_frame_chamfer
+    object_id, true_camera}]}), and the per-instance rows camera_errors scores
+    against the true cameras and meshes (evaluation only)."""
+    from lightning_modules.recon import view_frame_chamfer
 
     stage.eval()
     found: dict[int, list[dict]] = {}
@@ -47,12 +98,12 @@ def collect_reconstructions(stage, loader, device: torch.device, per_category: i
         batch = move_data_to_device(batch, device)
         out = stage.net(batch)
         true_cam = batch["eval_camera"].float()
-        chamfer = torch.full((len(true_cam),), float("nan"), device=device)
-        meshes = true_meshes.get("test", batch["object_id"]) if true_meshes else None
+        cham = torch.full((len(true_cam),), float("nan"), device=device)
+        meshes = true_meshes.get(split, batch["object_id"]) if true_meshes and chamfer else None
         if meshes is not None:
-            chamfer = view_frame_chamfer(out["verts"], stage.net.faces, out["camera"], meshes, true_cam)
-        same = true_meshes.same_views("test", batch["object_id"].cpu(), true_cam[:, 0].cpu()) if true_meshes else None
-        row = torch.cat([batch["category"].float()[:, None], out["camera"], true_cam, chamfer[:, None]], 1).cpu()
+            cham = view_frame_chamfer(out["verts"], stage.net.faces, out["camera"], meshes, true_cam)
+        same = true_meshes.same_views(split, batch["object_id"].cpu(), true_cam[:, 0].cpu()) if true_meshes else None
+        row = torch.cat([batch["category"].float()[:, None], out["camera"], true_cam, cham[:, None]], 1).cpu()
         rows.append(row if same is None else torch.cat([row, same], 1))
         for i in range(len(true_cam)):
             c = int(batch["category"][i])
@@ -63,23 +114,19 @@ def collect_reconstructions(stage, loader, device: torch.device, per_category: i
                     "camera": out["camera"][i].cpu().numpy(), "object_id": int(batch["object_id"][i]),
                     "true_camera": true_cam[i].cpu().numpy(),
                 })
-    errors: dict = {}
-    if rows:
-        rows_t = torch.cat(rows)
-        errors = {k: float(v) for k, v in camera_errors(rows_t, len(CATEGORIES)).items()}
-        errors["per_category"] = {
-            CATEGORIES[c]: {k: float(v) for k, v in camera_errors(rows_t[rows_t[:, 0] == c], len(CATEGORIES)).items()}
-            for c in sorted(set(rows_t[:, 0].long().tolist()))
-        }
-    errors["instances"] = int(sum(len(r) for r in rows))
-    return {CATEGORIES[c]: v for c, v in sorted(found.items())}, errors
+    rows_t = torch.cat(rows) if rows else torch.zeros(0, 8)
+    return {CATEGORIES[c]: v for c, v in sorted(found.items())}, rows_t
 
 
 def errors_markdown(errors: dict) -> str:
-    """The overall figures, then azimuth errors per category (aligned; how many are
-    quarter turns and front/back flips; modulo 180 deg)."""
-    lines = ["| figure | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" for k, v in errors.items() if not isinstance(v, dict)]
+    """The overall figures beside the constant camera's, then azimuth errors per
+    category (aligned; how many are quarter turns and front/back flips; modulo 180 deg)."""
+    const = errors.get("constant", {})
+    lines = ["| figure | recon | constant camera |", "|---|---|---|"]
+    for k, v in errors.items():
+        if isinstance(v, (int, float)):
+            c = const.get(k)
+            lines.append(f"| {k} | {v:.4g} | {'' if not isinstance(c, (int, float)) else f'{c:.4g}'} |")
     per = errors.get("per_category", {})
     if per:
         lines += ["", "| category | azimuth error (aligned) | median | within 30 deg | off by 45-135 deg | "
@@ -92,6 +139,11 @@ def errors_markdown(errors: dict) -> str:
                          f"{100 * e['az_acc30_aligned']:.0f}% | {100 * e['az_quarter_share']:.0f}% | "
                          f"{100 * e['az_flip_share']:.0f}% | {e['az_err_aligned_sym']:.1f} | {sym} | "
                          f"{e['el_err']:.1f} |")
+    cper = const.get("per_category", {})
+    if cper:
+        lines += ["", "Constant camera (best single azimuth per category on val; elevation "
+                  f"{const['camera']['elevation']:.0f} deg): azimuth error per category: "
+                  + ", ".join(f"{c} {e['az_err_aligned']:.1f}" for c, e in cper.items())]
     return "\n".join(lines)
 
 

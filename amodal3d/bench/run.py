@@ -18,15 +18,24 @@ from pathlib import Path
 from amodal3d.config import REPO_ROOT, load_config
 from amodal3d.runs import write_json_atomic
 
-PARTS = ("table", "speed", "loader", "raster", "hardest", "recon", "all")
+PARTS = ("table", "seeds", "speed", "loader", "raster", "hardest", "recon", "all")
+#: the experiment whose runs each protocol's table scores when --exp is not given
+PROTOCOL_EXPERIMENTS = {"gt-visible": None, "gt-box": "gt_box"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="amodal3d bench",
-        description="Results table (gt-visible amodal mIoU on the test split) and speed figures. "
+        description="Results tables (amodal mIoU on the test split, once per protocol) and speed figures. "
         f"Parts: {', '.join(PARTS)} (default all), given first.",
     )
+    ap.add_argument("--protocol", default=None, choices=("gt-visible", "gt-box", "all"),
+                    help="protocol(s) of the table and seeds parts (default: all; with --exp, that experiment's). "
+                         "Each protocol scores its own runs: gt-visible those of the default experiment, "
+                         "gt-box those of EXP=gt_box")
+    ap.add_argument("--seed-exps", default="default,seed1,seed2",
+                    help="seeds part: comma-separated experiments holding one seed each of the refine-family runs "
+                         "(gt-box: the same names with a _gt_box suffix)")
     ap.add_argument("--exp", default=None, help="named experiment: its runs and its dataset are benchmarked")
     ap.add_argument("--debug", default=None, help="debug preset for the data/loader config (experiments/debug/)")
     ap.add_argument("--run", action="append", default=[], metavar="PATH",
@@ -57,7 +66,7 @@ def _meta(argv: list[str], cfg, device, part: str) -> dict:
         "experiment": cfg.experiment,
         "dataset": f"{cfg.data.root} (source {cfg.data.source}, composite {cfg.data.composite})",
         "split": "test",
-        "protocol": "gt-visible",
+        "protocol": str(cfg.protocol),
         "batch_size": cfg.loader.batch_size,
     }
     meta.update(machine_info(device))
@@ -70,16 +79,73 @@ def _entries(args, cfg):
     return named_methods(args.run) if args.run else discover_methods(cfg.experiment, cfg.run.root)
 
 
+def protocol_configs(args) -> list:
+    """(protocol, config) pairs the table and seeds parts run: each protocol with the
+    experiment whose runs were trained under it."""
+    if args.exp:
+        base = load_config(None, args.exp, args.overrides, debug=args.debug)
+        wanted = [str(base.protocol)] if args.protocol in (None, str(base.protocol)) else None
+        if wanted is None:
+            raise SystemExit(f"--exp {args.exp} was trained under protocol {base.protocol}; "
+                             f"--protocol {args.protocol} does not apply to it")
+        return [(str(base.protocol), base)]
+    names = ["gt-visible", "gt-box"] if args.protocol in (None, "all") else [args.protocol]
+    return [(p, load_config(None, PROTOCOL_EXPERIMENTS[p], args.overrides, debug=args.debug)) for p in names]
+
+
+def crop_coverage_note(cfg) -> str:
+    """Share of test instances whose amodal mask reaches outside its crop (no method can score there)."""
+    from datamodules.crops import crop_coverage, protocol_crop_boxes
+    from datamodules.shards import SplitReader
+
+    idx = SplitReader(cfg.data.root, "test", verify=False).index
+    lc = cfg.loader
+    boxes = protocol_crop_boxes(idx, str(cfg.protocol), float(lc.crop_margin), float(lc.visible_crop_margin))
+    inside = crop_coverage(idx, boxes)
+    margin = lc.visible_crop_margin if cfg.protocol == "gt-visible" else lc.crop_margin
+    return (f"Crops ({cfg.protocol}, margin {margin}): the amodal mask of {100 * (1 - inside.mean()):.2f}% of the "
+            f"test instances ({int((~inside).sum())} of {len(inside)}) reaches outside the crop; no method "
+            "predicts there.")
+
+
 def part_table(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import evaluate_all
-    from amodal3d.bench.table import results_markdown, write_results
+    from amodal3d.bench.table import results_markdown, write_atomic, write_results
 
-    results = evaluate_all(cfg, _entries(args, cfg), device, args.limit_batches)
-    md = results_markdown(results, meta)
-    paths = write_results(out, results, meta)
-    print(md, flush=True)
-    print(f"[bench] wrote {paths['markdown']}, {paths['csv']} and a TensorBoard text under {paths['tensorboard']}")
+    mds = []
+    for protocol, pcfg in protocol_configs(args):
+        pmeta = _meta(args.full_argv, pcfg, device, "table")
+        results = evaluate_all(pcfg, _entries(args, pcfg), device, args.limit_batches)
+        extra = [crop_coverage_note(pcfg)]
+        md = results_markdown(results, pmeta, extra)
+        paths = write_results(out, results, pmeta, extra)
+        print(md, flush=True)
+        print(f"[bench] wrote {paths['markdown']}, {paths['csv']} and a TensorBoard text under {paths['tensorboard']}")
+        mds.append(md)
+        failed = [r for r in results if r.status.startswith("error")]
+        if failed:
+            raise RuntimeError(f"{protocol}: evaluation failed for " + "; ".join(f"{r.name} ({r.status})" for r in failed))
+    md = "\n\n".join(mds)
+    write_atomic(out / "results.md", md)
     return md
+
+
+def part_seeds(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.seeds import seeds_markdown, seed_results
+    from amodal3d.bench.table import write_atomic
+
+    mds = []
+    for protocol, pcfg in protocol_configs(args):
+        exps = [e.strip() for e in args.seed_exps.split(",") if e.strip()]
+        if protocol == "gt-box":
+            exps = [("gt_box" if e == "default" else f"{e}_gt_box") for e in exps]
+        pmeta = _meta(args.full_argv, pcfg, device, "seeds")
+        rows, references = seed_results(pcfg, exps, device, args.limit_batches)
+        md = seeds_markdown(rows, references, pmeta)
+        write_atomic(out / f"seeds-{protocol}.md", md)
+        print(md, flush=True)
+        mds.append(md)
+    return "\n\n".join(mds)
 
 
 def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
@@ -180,7 +246,7 @@ def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
 
 def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
-    from amodal3d.bench.meshes import collect_reconstructions, errors_markdown, mesh_sheet
+    from amodal3d.bench.meshes import camera_report, errors_markdown, mesh_sheet
     from amodal3d.bench.speed import section_markdown
     from amodal3d.bench.table import write_atomic
     from lightning_modules.recon import TrueMeshes
@@ -191,12 +257,13 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
         errors = {}
     else:
         true_meshes = TrueMeshes(cfg.data.root)
-        cases, errors = collect_reconstructions(load_method(entry, device, cfg), eval_loader(cfg), device,
-                                                true_meshes=true_meshes, max_batches=args.limit_batches)
+        cases, errors = camera_report(load_method(entry, device, cfg), eval_loader(cfg, "val"), eval_loader(cfg),
+                                      device, true_meshes=true_meshes, max_batches=args.limit_batches)
         png = mesh_sheet(cases, true_meshes, out / "meshes.png")
-        body = ("Camera errors in degrees (azimuth after one offset per category: the learned canonical "
-                "frame is arbitrary; chance is 90, and 45 modulo 180 deg), Chamfer distance in the view frame "
-                "after normalisation.\n\n" + errors_markdown(errors)
+        body = ("Camera errors in degrees (azimuth after one offset per category, fitted on the validation "
+                "split: the learned canonical frame is arbitrary; chance is 90, and 45 modulo 180 deg), Chamfer "
+                "distance in the view frame after normalisation. The constant camera: the middle of the camera "
+                "head's ranges and the best single azimuth per category on validation.\n\n" + errors_markdown(errors)
                 + f"\n\n![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`")
     md = section_markdown("recon on the test split: cameras, shapes and meshes", body, meta)
     write_atomic(out / "recon.md", md)
@@ -205,7 +272,7 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
     return md
 
 
-PART_FUNCS = {"table": part_table, "speed": part_speed, "loader": part_loader, "raster": part_raster,
+PART_FUNCS = {"table": part_table, "seeds": part_seeds, "speed": part_speed, "loader": part_loader, "raster": part_raster,
               "hardest": part_hardest, "recon": part_recon}
 
 
@@ -220,6 +287,7 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device)
     out = _out_dir(args.out)
     full_argv = [part, *argv]
+    args.full_argv = full_argv
     parts = list(PART_FUNCS) if part == "all" else [part]
     sections, failed = [], []
     for name in parts:

@@ -24,7 +24,8 @@ NOT_TRAINED = "not trained"
 
 @dataclass
 class MethodResult:
-    """One row: a method's gt-visible figures (fractions in [0,1], NaN where absent)."""
+    """One row: a method's figures under one protocol (fractions in [0,1], NaN where absent).
+    reference: a row that needs no training (amodal3d.bench.reference)."""
 
     name: str
     stage: str | None = None
@@ -37,6 +38,7 @@ class MethodResult:
     iou_dataset: float = math.nan
     count: list[int] = field(default_factory=lambda: [0] * len(CATEGORIES))
     seconds: float = math.nan
+    reference: bool = False
 
     @property
     def ok(self) -> bool:
@@ -126,19 +128,23 @@ def notes(results: list[MethodResult]) -> list[str]:
     return out
 
 
-def results_markdown(results: list[MethodResult], meta: dict) -> str:
-    """The document written to bench/results.md (and shown in TensorBoard)."""
+def results_markdown(results: list[MethodResult], meta: dict, extra_notes: list[str] | None = None) -> str:
+    """One protocol's document, written to bench/results-<protocol>.md (and shown in TensorBoard)."""
+    protocol = meta.get("protocol", "gt-visible")
     parts = [
-        "# Amodal mIoU, gt-visible protocol (test split)",
+        f"# Amodal mIoU, {protocol} protocol (test split)",
         "",
         markdown_table(results),
         "",
-        "## Occluded region only (mIoU_occ)",
+        f"## Occluded region only (mIoU_occ), {protocol}",
         "",
         markdown_table(results, occluded=True),
         "",
     ]
-    parts += [f"- {n}" for n in notes(results)]
+    refs = [r.name for r in results if r.reference]
+    if refs:
+        parts.append(f"- Reference rows (no training): {', '.join(refs)}.")
+    parts += [f"- {n}" for n in notes(results) + list(extra_notes or [])]
     parts += ["", "## Setup", ""] + [f"- {k}: `{v}`" for k, v in meta.items()]
     return "\n".join(parts) + "\n"
 
@@ -161,12 +167,15 @@ def write_tensorboard_text(log_dir: Path, tag: str, text: str) -> None:
         writer.close()
 
 
-def write_results(out_dir: Path, results: list[MethodResult], meta: dict) -> dict[str, Path]:
-    """bench/results.md, bench/results.csv and a TensorBoard text under bench/tb."""
+def write_results(out_dir: Path, results: list[MethodResult], meta: dict,
+                  extra_notes: list[str] | None = None) -> dict[str, Path]:
+    """bench/results-<protocol>.md and .csv, and a TensorBoard text under bench/tb."""
     out_dir = Path(out_dir)
-    md = results_markdown(results, meta)
-    paths = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv", "tensorboard": out_dir / "tb"}
+    protocol = meta.get("protocol", "gt-visible")
+    md = results_markdown(results, meta, extra_notes)
+    paths = {"markdown": out_dir / f"results-{protocol}.md", "csv": out_dir / f"results-{protocol}.csv",
+             "tensorboard": out_dir / "tb"}
     write_atomic(paths["markdown"], md)
     write_atomic(paths["csv"], csv_text(results))
-    write_tensorboard_text(paths["tensorboard"], "bench/results", md)
+    write_tensorboard_text(paths["tensorboard"], f"bench/results/{protocol}", md)
     return paths

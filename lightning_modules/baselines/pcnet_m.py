@@ -5,9 +5,13 @@ masks alone: another instance's visible mask is placed as an eraser in front
 of the target (probability 0.8: the erased part must be recovered) or behind
 it (the mask must be left as it is, which stops the net from growing every
 shape into every eraser). The loss is weighted up inside the eraser. No amodal
-label is read in training. At test time the eraser is the region known to
-occlude the instance (the batch's `occluded` key) and the completion replaces
-the mask only there.
+label is read in training. At test time the eraser is what the protocol
+allows (`model.test_eraser`): under gt-box the region known to occlude the
+instance (the batch's `occluded` key), under gt-visible everything outside the
+visible mask (no eraser is given there); the completion replaces the mask only
+inside the eraser. The checkpoint is chosen by the label-free
+`val/completion_loss`: the training loss on validation crops with erasers drawn
+from a fixed seed per batch.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from datamodules.protocols import gives_amodal_box, protocol_of
 from lightning_modules.common import AmodalStage
 from lightning_modules.registry import StageSpec
 from models.unet import UNet
@@ -33,6 +38,9 @@ class PCNetMConfig:
     eraser_shift: float = 0.3  # max random translation of the eraser, fraction of the crop size
     eraser_scale_min: float = 0.8  # random eraser scale range
     eraser_scale_max: float = 1.25
+    test_eraser: str = "auto"  # occluded | outside_visible | auto: occluded under gt-box, else outside_visible
+
+TEST_ERASERS = ("auto", "occluded", "outside_visible")
 
 
 class PCNetMModule(AmodalStage):
@@ -48,7 +56,15 @@ class PCNetMModule(AmodalStage):
                 f"model.eraser_scale_min={m.eraser_scale_min}, eraser_scale_max={m.eraser_scale_max}: "
                 "expected 0 < min <= max"
             )
+        if str(m.test_eraser) not in TEST_ERASERS:
+            raise ValueError(f"model.test_eraser={m.test_eraser!r}: expected one of {', '.join(TEST_ERASERS)}")
+        self.test_eraser = str(m.test_eraser)
+        if self.test_eraser == "auto":
+            self.test_eraser = "occluded" if gives_amodal_box(protocol_of(self.cfg)) else "outside_visible"
         self.use_rgb = bool(m.use_rgb)
+        from torchmetrics.aggregation import MeanMetric
+
+        self.val_completion = MeanMetric()
         self.net = UNet(2 + 3 * self.use_rgb, 1, int(m.base_channels), int(m.depth))
 
     # -- the network ------------------------------------------------------------------
@@ -62,31 +78,40 @@ class PCNetMModule(AmodalStage):
         return self.net(torch.cat(parts, 1))
 
     # -- self-supervised training --------------------------------------------------------
-    def sample_erasers(self, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_erasers(self, visible: torch.Tensor, generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Erasers from other instances' visible masks, randomly shifted and scaled,
-        and which of them lie in front of their target (B,) bool."""
+        and which of them lie in front of their target (B,) bool. A (CPU) generator
+        makes the draw repeatable (validation)."""
         b, _, s, _ = visible.shape
         dev = visible.device
         m = self.cfg.model
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=generator).to(dev) if generator is not None else torch.rand(
+                *shape, device=dev)
+
         if b > 1:  # each target gets another instance of the batch
-            other = (torch.arange(b, device=dev) + torch.randint(1, b, (1,), device=dev)) % b
+            other = (torch.arange(b, device=dev) + 1 + (rand(1) * (b - 1)).long().clamp_max(b - 2)) % b
         else:
             other = torch.zeros(1, dtype=torch.long, device=dev)
         src = visible[other]
-        scale = torch.empty(b, device=dev).uniform_(float(m.eraser_scale_min), float(m.eraser_scale_max))
-        shift = (torch.rand(b, 2, device=dev) * 2 - 1) * 2 * float(m.eraser_shift)  # normalised coords span 2
+        lo, hi = float(m.eraser_scale_min), float(m.eraser_scale_max)
+        scale = lo + (hi - lo) * rand(b)
+        shift = (rand(b, 2) * 2 - 1) * 2 * float(m.eraser_shift)  # normalised coords span 2
         theta = torch.zeros(b, 2, 3, device=dev)
         theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
         theta[:, :, 2] = shift
         grid = F.affine_grid(theta, list(src.shape), align_corners=False)
         eraser = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        front = torch.rand(b, device=dev) < float(m.eraser_front_prob)
+        front = rand(b) < float(m.eraser_front_prob)
         return eraser, front
 
-    def pcnet_loss(self, visible: torch.Tensor, rgb: torch.Tensor | None) -> torch.Tensor:
+    def pcnet_loss(self, visible: torch.Tensor, rgb: torch.Tensor | None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
         """Weighted BCE of recovering the visible mask from itself minus an eraser."""
         target = visible.float()
-        eraser, front = self.sample_erasers(target)
+        eraser, front = self.sample_erasers(target, generator)
         # behind the target, the eraser only covers what the target does not
         eraser = torch.where(front[:, None, None, None], eraser, eraser * (1 - target))
         logits = self(target, eraser, rgb)
@@ -103,10 +128,26 @@ class PCNetMModule(AmodalStage):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=visible.shape[0])
         return loss
 
-    # -- gt-visible inference ---------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        # the label-free monitor: the training loss under erasers fixed per batch
+        g = torch.Generator().manual_seed(1_000_003 + batch_idx)
+        visible = batch["visible"]
+        loss = self.pcnet_loss(visible, batch["rgb"] if self.use_rgb else None, g)
+        self.val_completion.update(loss, weight=visible.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self.log("val/completion_loss", self.val_completion.compute(), sync_dist=False)
+        self.val_completion.reset()
+
+    # -- inference ----------------------------------------------------------------------
     def predict_amodal(self, batch: dict) -> torch.Tensor:
         visible = batch["visible"].float()
-        eraser = batch["occluded"].float() * (1 - visible)
+        if self.test_eraser == "occluded":
+            eraser = batch["occluded"].float() * (1 - visible)
+        else:
+            eraser = 1 - visible
         rgb = batch["rgb"] if self.use_rgb else None
         prob = torch.sigmoid(self(visible, eraser, rgb))
         # outside the occluder the visible mask is the observed truth
