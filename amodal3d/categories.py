@@ -8,7 +8,7 @@ CATEGORIES: tuple[str, ...] = (
     "speaker", "rifle", "sofa", "table", "phone", "vessel",
 )
 
-#: column headers of the results table (DESIGN.md)
+#: column headers of the results table (the reference table of docs/design.md)
 DISPLAY_NAMES: dict[str, str] = {
     "airplane": "Airplane", "bench": "Bench", "dresser": "Dresser", "car": "Car",
     "chair": "Chair", "display": "Display", "lamp": "Lamp", "speaker": "Speaker",

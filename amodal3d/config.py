@@ -200,6 +200,7 @@ def load_config(
     schema = OmegaConf.structured(Config)
     schema.model = OmegaConf.structured(model_schema) if is_dataclass(model_schema) else {}
     OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.run.checkpoints, False)  # keyed by stage name: run.checkpoints.<stage>=<ckpt>
     cfg = _merge(schema, _load_yaml(EXPERIMENTS_DIR / "base.yaml"), "experiments/base.yaml")
     sf = stage_file(stage) if stage else None
     if sf is not None and sf.is_file():

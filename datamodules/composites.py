@@ -1,6 +1,6 @@
 """Occlusion composites: turn object renders into occluded images with exact masks.
 
-Two generators (DESIGN.md, "Occlusion composites"):
+Two generators (docs/design.md, "Data"):
 
 - `erase`: one centred object per image; 1-2 rectangles or bands (some touching
   the border) are erased to the background. amodal = the silhouette, visible =

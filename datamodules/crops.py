@@ -158,7 +158,7 @@ class CropDataset(Dataset):
         train: bool = False,
         verify: bool = True,
         protocol: str = GT_VISIBLE,
-        visible_crop_margin: float = 2.0,
+        visible_crop_margin: float = 2.5,
     ) -> None:
         self.protocol = check_protocol(protocol)
         if visible_crop_margin <= 0:
@@ -411,7 +411,7 @@ class CropDataModule(SplitDataModule):
             self.root, split, crop_size=int(lc.crop_size), crop_margin=float(lc.crop_margin),
             views_per_item=self.views_per_item if split == "train" else 1,
             train=split == "train", verify=self.verify, protocol=self.protocol,
-            visible_crop_margin=float(getattr(lc, "visible_crop_margin", 2.0)),
+            visible_crop_margin=float(getattr(lc, "visible_crop_margin", 2.5)),
         )
 
     def make_loader(self, ds: CropDataset, split: str) -> DataLoader:

@@ -81,3 +81,18 @@ def test_saved_config_round_trips(tmp_path: Path):
     again = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert again.seed == 7 and again.data == cfg.data
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_a_stage_checkpoint_can_be_named_on_the_command_line():
+    """run.checkpoints.<stage>=<ckpt> (what the error for a missing dependency suggests) is accepted."""
+    cfg = load_config("joint", None, ["run.checkpoints.refine=/some/refine.ckpt", "run.checkpoints.recon=/r.ckpt"])
+    assert dict(cfg.run.checkpoints) == {"refine": "/some/refine.ckpt", "recon": "/r.ckpt"}
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config("joint", None, ["run.checkpont.refine=/x.ckpt"])
+
+
+def test_the_protocol_is_checked_and_gt_box_has_its_experiment():
+    assert load_config(None).protocol == "gt-visible"
+    assert load_config(None, "gt_box").protocol == "gt-box"
+    with pytest.raises(ConfigError, match="protocol='gt-vis'"):
+        load_config(None, None, ["protocol=gt-vis"])

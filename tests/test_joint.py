@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from amodal3d.config import load_config
-from fakes import LabelGuard, build_fake_dataset
+from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset
 from lightning_modules.joint import JointStage
 from lightning_modules.refine import ReconShapePrior, RefineStage, load_stage_module, ours_checkpoint
 from test_refine import RECON_SMALL, SMALL, data_ov, write_run
@@ -88,7 +88,7 @@ def test_training_step_trains_the_prior_end_to_end_without_hidden_labels(tiny, m
     seen = {}
     monkeypatch.setattr(joint, "log", lambda name, value, **kw: seen.__setitem__(name, float(value)))
     joint.train()
-    loss = joint.training_step(LabelGuard(_batch(tiny), allowed={"eval_amodal"}), 0)
+    loss = joint.training_step(LabelGuard(_batch(tiny), allowed={"eval_amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
     loss.backward()
     enc = [p.grad for p in joint.prior.net.encoder.parameters() if p.grad is not None]
     assert enc and sum(float(g.abs().sum()) for g in enc) > 0, "no gradient reaches the recon encoder"

@@ -30,7 +30,7 @@ from lightning_modules.refine import (
 )
 from lightning_modules.refine_2d import Refine2DStage
 from models.refine_net import RefineNet, loss_regions, region_losses, soft_edges
-from fakes import LabelGuard, build_fake_dataset, tiny_overrides
+from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset, tiny_overrides
 
 S = 32
 SMALL = ["model.base_channels=4", "model.depth=2", "model.prior_render_size=16", "loader.batch_size=8"]
@@ -167,7 +167,7 @@ def test_training_step_reads_only_the_amodal_target_and_keeps_the_prior_frozen()
     stage = RefineStage(refine_cfg(), prior_factory=lambda cfg: prior)
     assert stage.prior_source == {"kind": "custom"}
     stage.train()
-    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"eval_amodal"}), 0)
+    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"eval_amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
     assert torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in stage.net.parameters() if p.grad is not None]
@@ -190,12 +190,12 @@ def test_training_step_with_the_recon_prior_reads_no_other_hidden_label():
 
     torch.manual_seed(0)
     rcfg = load_config("recon", overrides=RECON_SMALL + ["loader.crop_size=32"])
-    net = ReconNet(rcfg.model, crop_size=32)
+    net = ReconNet(rcfg.model, crop_size=32, protocol="gt-visible")
     stage = RefineStage(refine_cfg(), prior_factory=lambda cfg: ReconShapePrior(net, 16))
     assert not any(p.requires_grad for p in stage.prior.parameters())
     stage.train()
     assert not stage.prior.training  # frozen: BatchNorm statistics stay the checkpoint's
-    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"eval_amodal"}), 0)
+    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"eval_amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
     loss.backward()
     assert all(p.grad is None for p in stage.prior.parameters())
     with torch.no_grad():

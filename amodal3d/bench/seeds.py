@@ -107,9 +107,10 @@ def _pm(row: SeedRow, key: str) -> str:
 def significance(a: SeedRow, b: SeedRow, key: str) -> tuple[float, float, bool | None]:
     """(mean difference a - b, twice the larger std, significant?) — None when a spread is unknown."""
     diff = a.mean(key) - b.mean(key)
-    spread = 2 * max(a.std(key), b.std(key))
-    if not math.isfinite(spread):
-        return diff, spread, None
+    stds = (a.std(key), b.std(key))
+    if not all(math.isfinite(s) for s in stds):
+        return diff, math.nan, None
+    spread = 2 * max(stds)
     return diff, spread, abs(diff) >= spread
 
 

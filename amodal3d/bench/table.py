@@ -1,4 +1,4 @@
-"""The results table of `make bench`: rows, the exact DESIGN.md layout, and the files.
+"""The results table of `make bench`: rows, the exact layout of the reference table (docs/design.md), and the files.
 
 The first table reproduces the seed table's layout exactly (method, the 13
 categories in seed order, mIoU; % with one decimal). A category without test
