@@ -43,14 +43,18 @@ from torch import nn
 from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from amodal3d.categories import CATEGORIES
-from datamodules.protocols import LEGACY_PROTOCOL, check_protocol, gives_amodal_box, monitor_unknown, protocol_of, unknown_pixels
+from datamodules.protocols import (
+    LEGACY_PROTOCOL, check_protocol, gives_amodal_box, monitor_unknown, protocol_of, unknown_pixels,
+)
 from lightning_modules.common import AmodalStage, as_config, build_optimizer, with_schema_defaults
 from lightning_modules.registry import StageSpec
 from models.appearance import ColourTemplates, colour_error, visible_vertices
 from models.camera_head import CameraHead
 from models.encoder import CropEncoder, crop_channels
 from models.mesh_decoder import SymmetricMeshDecoder
-from models.mesh_renderer import CropRenderer, box_in_crop, centred_box_ndc, fit_placement, mask_boxes, pixel_box_to_ndc
+from models.mesh_renderer import (
+    CropRenderer, box_in_crop, centred_box_ndc, fit_placement, mask_boxes, pixel_box_to_ndc,
+)
 from models.placement import PlacementHead, adjust_box
 from models.precision import float32_geometry
 from models.recon_losses import (
@@ -332,7 +336,8 @@ def camera_errors(rows: torch.Tensor, num_categories: int, offsets: dict | None 
     """
     pred, true = rows[:, 1:4], rows[:, 4:7]
     same = rows[:, 8:]
-    known = ~torch.isnan(same).any(dim=1) if same.shape[1] else torch.zeros(len(rows), dtype=torch.bool)
+    known = (~torch.isnan(same).any(dim=1) if same.shape[1]
+             else torch.zeros(len(rows), dtype=torch.bool, device=rows.device))
     raw = azimuth_difference(pred[:, 0], true[:, 0])
     aligned, symaware = raw.clone(), raw.clone()
     offsets = offsets or camera_offsets(rows, num_categories)

@@ -244,7 +244,8 @@ def synthesise(
         from datamodules.crops import crop_to_box, square_crop_box
 
         frame = square_crop_box(mask_boxes(visible), float(visible_margin))
-        amodal, visible, occluded = (crop_to_box(torch.cat([amodal, visible, occluded], 1), frame, s) > 0.5).float().split(1, 1)
+        stacked = crop_to_box(torch.cat([amodal, visible, occluded], 1), frame, s)
+        amodal, visible, occluded = (stacked > 0.5).float().split(1, 1)
         return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": torch.zeros_like(occluded),
                 "unknown": occluded, "category": category}
     return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": occluded, "unknown": occluded,

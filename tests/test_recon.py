@@ -488,3 +488,19 @@ def test_bf16_mixed_run_through_the_runner(tiny_root, tmp_path):
     summary = train_from_args("recon", None, _tiny_overrides(tmp_path, tiny_root) + ["trainer.precision=bf16-mixed"],
                               None, debug="fdr")
     assert summary["global_step"] == 1 and math.isfinite(summary["metrics"]["val/chamfer"])
+
+
+def test_camera_errors_apply_offsets_fitted_on_another_split():
+    """bench-recon fits the per-category azimuth offset on validation and applies it to
+    test: the scored split must not choose its own offset."""
+    from lightning_modules.recon import camera_errors, camera_offsets
+
+    true = torch.tensor([0.0, 90.0, 180.0, 270.0])
+    rows = torch.zeros(4, 8)
+    rows[:, 1], rows[:, 4] = (true + 40.0) % 360, true  # predicted azimuth = true + 40: a constant offset
+    rows[:, 7] = float("nan")
+    fitted = camera_offsets(rows, 2)
+    assert fitted["aligned"][0] == 320 and fitted["aligned"][1] == 0  # absent category: 0
+    assert float(camera_errors(rows, 2)["az_err_aligned"]) == pytest.approx(0.0, abs=1e-4)
+    other = {"aligned": [0, 0], "symaware": [0, 0]}  # offsets from a split where the frames agreed
+    assert float(camera_errors(rows, 2, other)["az_err_aligned"]) == pytest.approx(40.0, abs=1e-4)

@@ -153,6 +153,23 @@ def test_synthesised_samples_look_like_loader_crops():
     assert not torch.equal(recon.render(verts, s["camera"], box, S) > 0.5, recon.render(verts, cam2, box, S) > 0.5)
 
 
+def test_gt_visible_samples_are_framed_on_their_visible_part():
+    """Under gt-visible the self-generated samples are framed as the loader frames real
+    crops: on the visible box, 2.5x its side, with nothing handed out as occluded."""
+    recon = recon_net_from_spec({"model": {"feat_dim": 32}, "crop_size": S, "protocol": "gt-visible"})
+    verts = recon.decoder.template_verts(torch.zeros(4, dtype=torch.long)) * torch.tensor([1.6, 0.7, 1.0])
+    params = OccluderParams(ratio_min=0.3, ratio_max=0.6)
+    s = synthesise(recon, verts, torch.zeros(4, dtype=torch.long), params, crop_margin=1.15,
+                   generator=torch.Generator().manual_seed(0), visible_margin=2.5)
+    assert s["occluded"].sum() == 0 and s["unknown"].sum() > 0
+    assert ((s["visible"] <= s["amodal"]) & (s["visible"] * s["unknown"] == 0)).all()
+    for i in range(4):
+        ys, xs = torch.nonzero(s["visible"][i, 0] > 0.5, as_tuple=True)
+        w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        assert abs(max(w, h) - S / 2.5) <= 2.5
+        assert abs((xs.min() + xs.max() + 1) / 2 - S / 2) <= 1.5 and abs((ys.min() + ys.max() + 1) / 2 - S / 2) <= 1.5
+
+
 # -- the viewpoint stage ---------------------------------------------------------------------------
 
 
