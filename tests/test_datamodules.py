@@ -250,3 +250,10 @@ def test_split_datamodule_needs_its_dataset_and_loader_makers():
 
     with pytest.raises(TypeError, match="make_loader"):
         Half(DataConfig(), LoaderConfig())
+
+
+def test_crop_coverage_grows_with_the_margin(erase_cfg):
+    from amodal3d.bench.coverage import coverage
+
+    shares = coverage(erase_cfg.root, "val", [1.0, 2.0, 4.0])
+    assert 0 <= shares[1.0] <= shares[2.0] <= shares[4.0] == 1.0
