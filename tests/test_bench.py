@@ -204,6 +204,17 @@ def test_bench_table_end_to_end(trained, capsys):
     assert "reaches outside the crop" in text
 
 
+def test_a_named_run_is_scored_under_its_own_protocol_only(trained, capsys):
+    tmp, cfg, summary, args = trained
+    out = tmp / "bench_named"
+    assert bench_run.main(["table", "--run", summary["run_dir"], "--out", str(out), *args]) == 0
+    text = (out / "results.md").read_text()
+    assert "gt-visible protocol" in text and "gt-box protocol" not in text
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "results-gt-visible.csv").read_text()))}
+    named = next(name for name in rows if name.startswith("Deocclusion ["))
+    assert rows[named]["status"] == "ok"
+
+
 def test_bench_speed_and_all_record_failures(trained, monkeypatch, capsys):
     tmp, cfg, summary, args = trained
     out = tmp / "bench_all"

@@ -41,6 +41,7 @@ class MethodEntry:
     checkpoint: Path | None = None
     status: str = "ok"
     load: Callable | None = None
+    protocol: str | None = None  # a named run's protocol (None: that of the experiment it was found in)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,9 +75,11 @@ def named_methods(paths: list[str]) -> list[MethodEntry]:
         cfg_path = run / "config.yaml"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"--runs {p}: {cfg_path} is missing, cannot tell which stage trained it")
-        stage = str(OmegaConf.load(cfg_path).stage)
+        run_cfg = OmegaConf.load(cfg_path)
+        stage = str(run_cfg.stage)
         spec = get_stage(stage)
-        out.append(MethodEntry(name=f"{spec.method or stage} [{run.name}]", stage=stage, checkpoint=ckpt))
+        out.append(MethodEntry(name=f"{spec.method or stage} [{run.name}]", stage=stage, checkpoint=ckpt,
+                               protocol=protocol_of(run_cfg)))
     return out
 
 

@@ -74,9 +74,13 @@ def _meta(argv: list[str], cfg, device, part: str) -> dict:
 
 
 def _entries(args, cfg):
+    """The rows to score under cfg's protocol: the named runs trained under it, or the
+    methods discovered in cfg's experiment."""
     from amodal3d.bench.evaluate import discover_methods, named_methods
 
-    return named_methods(args.run) if args.run else discover_methods(cfg.experiment, cfg.run.root)
+    if args.run:
+        return [e for e in named_methods(args.run) if e.protocol == str(cfg.protocol)]
+    return discover_methods(cfg.experiment, cfg.run.root)
 
 
 def protocol_configs(args) -> list:
@@ -90,6 +94,11 @@ def protocol_configs(args) -> list:
                              f"--protocol {args.protocol} does not apply to it")
         return [(str(base.protocol), base)]
     names = ["gt-visible", "gt-box"] if args.protocol in (None, "all") else [args.protocol]
+    if args.run and args.protocol is None:  # named runs: the protocols they were trained under
+        from amodal3d.bench.evaluate import named_methods
+
+        present = {e.protocol for e in named_methods(args.run)}
+        names = [p for p in names if p in present]
     return [(p, load_config(None, PROTOCOL_EXPERIMENTS[p], args.overrides, debug=args.debug)) for p in names]
 
 
