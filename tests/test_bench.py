@@ -215,6 +215,23 @@ def test_a_named_run_is_scored_under_its_own_protocol_only(trained, capsys):
     assert rows[named]["status"] == "ok"
 
 
+def test_a_method_that_fails_to_evaluate_fails_the_table(trained, monkeypatch):
+    from amodal3d.bench import evaluate
+
+    tmp, cfg, summary, args = trained
+    real = evaluate.load_method
+
+    def broken(entry, device, cfg=None):
+        if entry.stage == "pcnet_m":
+            raise RuntimeError("corrupt checkpoint")
+        return real(entry, device, cfg)
+
+    monkeypatch.setattr(evaluate, "load_method", broken)
+    with pytest.raises(RuntimeError, match="gt-visible: Deocclusion .*corrupt checkpoint"):
+        bench_run.main(["table", "--protocol", "gt-visible", "--out", str(tmp / "bench_broken"), *args])
+    assert "Deocclusion (error" in (tmp / "bench_broken" / "results-gt-visible.md").read_text()
+
+
 def test_bench_speed_and_all_record_failures(trained, monkeypatch, capsys):
     tmp, cfg, summary, args = trained
     out = tmp / "bench_all"
