@@ -15,6 +15,8 @@ same rule in the crop frame (the hardest-case sheets draw it).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 import torch
 
@@ -80,8 +82,9 @@ def hull_masks(masks: torch.Tensor) -> torch.Tensor:
 class ReferenceRule(AmodalStage):
     """A rule scored like a method: `rule(visible, occluded, box)` in both frames."""
 
+    @abstractmethod
     def rule(self, visible: torch.Tensor, occluded: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """(B,1,H,W) prediction from the visible and occluded masks (and the amodal box, gt-box)."""
 
     def predict_amodal(self, batch: dict) -> torch.Tensor:
         s = batch["visible"].shape[-1]
