@@ -78,8 +78,8 @@ class JointStage(RefineStage):
             raise ValueError(f"model.stages: unknown stage(s) {sorted(unknown)}; expected {', '.join(JOINT_STAGES)}")
         refine_state = None
         if prior_source is None:  # a new run, not a restored checkpoint: start from the stage checkpoints
-            exp = str(cfg.model.prior_experiment or cfg.experiment)
-            ckpt = find_stage_checkpoint("refine", exp, cfg.run.root, cfg.run.checkpoints.get("refine"))
+            # refine is of the seeded family: this experiment's own run (the 3D chain comes from prior_experiment)
+            ckpt = find_stage_checkpoint("refine", str(cfg.experiment), cfg.run.root, cfg.run.checkpoints.get("refine"))
             hp = _checkpoint_hparams(ckpt)
             refine_model = (hp.get("cfg") or {}).get("model") or {}
             cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))

@@ -63,6 +63,22 @@ def test_missing_stage_checkpoints_name_the_command(tiny, tmp_path):
         JointStage(_cfg(tiny, runs, "model.prior=none"))
 
 
+def test_a_seeded_experiment_starts_from_its_own_refine(tiny, tmp_path):
+    """seed k shares the default 3D chain (prior_experiment) but joint starts from seed k's refine."""
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny / "runs", runs)
+    own = RefineStage(load_config("refine", overrides=data_ov(tiny) + SMALL))
+    with torch.no_grad():
+        for p in own.net.parameters():
+            p.sub_(0.02)
+    write_run(own, runs, "refine", experiment="seedx")
+    joint = JointStage(_cfg(tiny, runs, "experiment=seedx", "model.prior_experiment=default"))
+    assert Path(joint.refine_checkpoint).parts[-5] == "seedx"
+    for k, v in joint.net.state_dict().items():
+        assert torch.equal(v, own.net.state_dict()[k]), k
+    assert isinstance(joint.prior, ReconShapePrior)  # the 3D chain still comes from the default experiment
+
+
 def test_starts_from_the_checkpoints_with_per_stage_lr_and_freezing(tiny):
     joint = JointStage(_cfg(tiny, None, "model.stages.recon.lr=3e-5", "model.stages.refine.lr=7e-4"))
     refine_state = torch.load(str(tiny / "runs/default/refine/r1/checkpoints/best.ckpt"), weights_only=False)
