@@ -34,7 +34,7 @@ def _data_config(args: argparse.Namespace):
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from datamodules.build import build_dataset
+    from amodal3d.datamodules.build import build_dataset
 
     cfg = _data_config(args)
     manifest = build_dataset(cfg.data, progress=True)
@@ -44,7 +44,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from datamodules.shards import validate_dataset
+    from amodal3d.datamodules.shard_validate import validate_dataset
 
     root = args.root or _data_config(args).data.root
     report = validate_dataset(root)
@@ -53,8 +53,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sheets(args: argparse.Namespace) -> int:
-    from datamodules.sheet_composites import composite_contact_sheet
-    from datamodules.sources.sheet import object_contact_sheet
+    from amodal3d.datamodules.sheet_composites import composite_contact_sheet
+    from amodal3d.datamodules.sources.sheet import object_contact_sheet
 
     cfg = _data_config(args)
     object_contact_sheet(cfg.data, f"{args.out}/synth13_objects.png")
@@ -64,7 +64,7 @@ def _cmd_sheets(args: argparse.Namespace) -> int:
 
 
 def _cmd_stages(args: argparse.Namespace) -> int:
-    from lightning_modules.registry import available_stages, get_stage
+    from amodal3d.lightning_modules.registry import available_stages, get_stage
 
     for name in available_stages():
         spec = get_stage(name)
@@ -108,7 +108,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from amodal3d.predict import predict_files
+    from amodal3d.predict.run import predict_files
 
     rep = predict_files(args.input, args.out, checkpoint=args.ckpt, experiment=args.exp or "default",
                         root=args.runs, device=args.device, batch_size=args.batch_size, occluder=args.occluder)

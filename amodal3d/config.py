@@ -110,7 +110,7 @@ class RunConfig:
 class Config:
     stage: str = "recon"
     experiment: str = "default"
-    protocol: str = "gt-visible"  # gt-visible | gt-box (datamodules.protocols): what a method is handed
+    protocol: str = "gt-visible"  # gt-visible | gt-box (amodal3d.protocols): what a method is handed
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -194,7 +194,7 @@ def load_config(
     if stage is None:
         model_schema = object
     elif model_schema is None:
-        from lightning_modules.registry import get_stage
+        from amodal3d.lightning_modules.registry import get_stage
 
         model_schema = get_stage(stage).model_schema
     schema = OmegaConf.structured(Config)
@@ -235,7 +235,7 @@ def load_config(
     if stage:
         cfg.stage = stage
     OmegaConf.resolve(cfg)
-    from datamodules.protocols import PROTOCOLS
+    from amodal3d.protocols import PROTOCOLS
 
     if cfg.protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={cfg.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
@@ -248,7 +248,6 @@ def dataclass_keys(dc: type) -> list[str]:
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    from amodal3d.atomic import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))

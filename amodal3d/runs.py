@@ -8,12 +8,13 @@ summary.json, written when training ends.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from amodal3d.config import REPO_ROOT
+
+SUMMARY = "summary.json"
 
 
 def runs_root(root: str | os.PathLike = "runs") -> Path:
@@ -43,7 +44,13 @@ def list_runs(root: str | os.PathLike, experiment: str, stage: str) -> list[Path
     return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
 
 
+def is_finished(run: Path) -> bool:
+    """A run that ended: the runner writes summary.json only after Trainer.fit returns."""
+    return (run / SUMMARY).is_file()
+
+
 def best_checkpoint(run: Path) -> Path | None:
+    """The run's best.ckpt (a finished run always has one), else its last.ckpt."""
     for name in ("best.ckpt", "last.ckpt"):
         p = run / "checkpoints" / name
         if p.is_file():
@@ -54,39 +61,25 @@ def best_checkpoint(run: Path) -> Path | None:
 def find_stage_checkpoint(
     stage: str, experiment: str, root: str | os.PathLike = "runs", override: str | None = None
 ) -> Path:
-    """The checkpoint a dependent stage consumes: an explicit path, else the best
-    checkpoint of the stage's latest run; a clear error naming the command that
-    produces it when there is none."""
+    """The checkpoint a dependent stage (or the bench) consumes: an explicit path, else
+    best.ckpt of the stage's latest *finished* run (one with summary.json: a run still
+    training, or one that crashed, is never picked); a clear error naming the command
+    that produces it when there is none."""
     if override:
         p = Path(override)
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint for stage {stage!r} not found: {p} (run.checkpoints.{stage})")
         return p
-    for run in reversed(list_runs(root, experiment, stage)):
-        ckpt = best_checkpoint(run)
-        if ckpt is not None:
+    runs = list_runs(root, experiment, stage)
+    for run in reversed(runs):
+        ckpt = run / "checkpoints" / "best.ckpt"
+        if is_finished(run) and ckpt.is_file():
             return ckpt
     exp_arg = "" if experiment == "default" else f" EXP={experiment}"
+    unfinished = sorted(r.name for r in runs if not is_finished(r))
+    why = f" (run(s) {', '.join(unfinished)} have no {SUMMARY}: still training or stopped early)" if unfinished else ""
     raise FileNotFoundError(
-        f"no checkpoint of stage {stage!r} under {runs_root(root) / experiment / stage}: "
+        f"no finished run of stage {stage!r} under {runs_root(root) / experiment / stage}{why}: "
         f"train it first with `make train STAGE={stage}{exp_arg}` "
         f"or set run.checkpoints.{stage}=<path/to.ckpt>"
     )
-
-
-def save_png_atomic(image, path) -> Path:
-    """Save a PIL image as PNG under a temporary name, then rename: a reader never
-    sees a half-written picture."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out)
-    return out
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)

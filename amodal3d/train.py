@@ -18,8 +18,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from amodal3d.config import ConfigError, load_config, save_config
-from amodal3d.runs import new_run_id, run_dir, runs_root, write_json_atomic
-from lightning_modules.registry import StageSpec, get_stage
+from amodal3d.dependencies import resolve_checkpoints, saved_checkpoints
+from amodal3d.atomic import write_json_atomic
+from amodal3d.runs import SUMMARY, new_run_id, run_dir, runs_root
+from amodal3d.lightning_modules.registry import StageSpec, get_stage
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -70,18 +72,18 @@ def check_precision(cfg: DictConfig) -> None:
 def build_datamodule(cfg: DictConfig, spec: StageSpec) -> L.LightningDataModule:
     loader = OmegaConf.merge(cfg.loader, {"batch_size": per_rank_batch_size(cfg)})
     if spec.data == "crops":
-        from datamodules.crops import CropDataModule
+        from amodal3d.datamodules.crops import CropDataModule
 
         return CropDataModule(cfg.data, loader, protocol=cfg.protocol)
     if spec.data == "images":
-        from datamodules.images import DetectionDataModule
+        from amodal3d.datamodules.images import DetectionDataModule
 
         return DetectionDataModule(cfg.data, loader)
     raise ValueError(f"stage {spec.name}: unknown data kind {spec.data!r}")
 
 
 def _progress_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], bool]:
-    from callbacks.progress import PlainProgress
+    from amodal3d.callbacks.progress import PlainProgress
 
     bar = cfg.trainer.enable_progress_bar
     if bar is None:
@@ -91,8 +93,8 @@ def _progress_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], bool]:
 
 def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """A Trainer whose logs and checkpoints live in the run folder `out`."""
-    from callbacks.step_seed import StepSeed
-    from callbacks.guards import FiniteLossGuard
+    from amodal3d.callbacks.step_seed import StepSeed
+    from amodal3d.callbacks.guards import FiniteLossGuard
 
     t = cfg.trainer
     check_precision(cfg)
@@ -173,7 +175,11 @@ def train(cfg: DictConfig) -> dict:
     spec = get_stage(cfg.stage)
     L.seed_everything(int(cfg.seed), workers=True)
     out, ckpt_path = prepare_run(cfg)
-    from datamodules.build import ensure_dataset
+    for stage, path in saved_checkpoints(out / "config.yaml").items():  # resume / requeue: the same inputs
+        if not cfg.run.checkpoints.get(stage):
+            cfg.run.checkpoints[stage] = path
+    resolve_checkpoints(cfg, spec)
+    from amodal3d.datamodules.build import ensure_dataset
 
     ensure_dataset(cfg.data)
     dm = build_datamodule(cfg, spec)
@@ -200,7 +206,7 @@ def train(cfg: DictConfig) -> dict:
         "world_size": trainer.world_size,
     }
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
-        write_json_atomic(out / "summary.json", summary)
+        write_json_atomic(out / SUMMARY, summary)
     return summary
 
 

@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
+from amodal3d.atomic import write_json_atomic
 from amodal3d.categories import CATEGORIES, category_index, resolve_categories
-from datamodules.composites import GENERATOR_VERSION, CompositeParams, ObjectPool, erase, paste
-from datamodules.shards import (
-    MANIFEST, SCHEMA_VERSION, DatasetError, read_manifest, sha256_file, write_json_atomic, write_shard,
-)
-from datamodules.sources.base import SPLITS, ObjectRenders
+from amodal3d.datamodules.composites import GENERATOR_VERSION, CompositeParams, ObjectPool, erase, paste
+from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION, DatasetError, read_manifest, sha256_file
+from amodal3d.datamodules.shard_writer import write_shard
+from amodal3d.datamodules.sources.base import SPLITS, ObjectRenders
 
 LoadObjects = Callable[[Any, str, str], ObjectRenders]
 GENERATOR_FILE = "generator.json"
@@ -113,7 +113,7 @@ def _splits(cfg: dict) -> list[str]:
 
 def _default_load_objects() -> LoadObjects:
     try:
-        from datamodules.sources import load_objects
+        from amodal3d.datamodules.sources import load_objects
     except ImportError as err:
         raise ImportError(f"datamodules.sources.load_objects is not available ({err})") from None
     return load_objects
@@ -184,7 +184,7 @@ def _write_unit(root: Path, shard: str, composites: list, attrs: dict, extra: di
     if rec is not None:
         rec.update({k: v for k, v in attrs.items() if k in ("split", "category", "unit", "chunk")})
     done = {"schema_version": SCHEMA_VERSION, "generator_hash": gen_hash, "record": rec, **extra}
-    write_json_atomic(_done_path(root, shard), done)
+    write_json_atomic(_done_path(root, shard), done, indent=1, durable=True)
     return done
 
 
@@ -328,7 +328,7 @@ def _claim_folder(root: Path, gen: dict) -> None:
                 f"set another data.root or delete {root}"
             )
         return
-    write_json_atomic(p, gen)
+    write_json_atomic(p, gen, indent=1, durable=True)
 
 
 def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObjects | None = None) -> dict:
@@ -388,7 +388,7 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
                 "bytes": sum(r["bytes"] for v in splits_info.values() for r in v["shards"]),
                 "software": {"numpy": np.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version},
             }
-            write_json_atomic(root / MANIFEST, manifest)
+            write_json_atomic(root / MANIFEST, manifest, indent=1, durable=True)
             prog.log(f"wrote {root / MANIFEST} ({manifest['bytes'] / 2**20:.1f} MiB) in {time.time() - t0:.0f}s")
             return manifest
     finally:

@@ -1,4 +1,4 @@
-"""Per-instance crops under an evaluation protocol (datamodules.protocols), and
+"""Per-instance crops under an evaluation protocol (amodal3d.protocols), and
 their LightningDataModule.
 
 One item per instance: a square window resampled to `crop_size` (bilinear,
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, get_worker_info
 
-from datamodules.protocols import GT_BOX, GT_VISIBLE, check_protocol
-from datamodules.shards import SplitReader
-from datamodules.split_datamodule import SplitDataModule
+from amodal3d.protocols import GT_BOX, GT_VISIBLE, check_protocol
+from amodal3d.datamodules.shard_reader import SplitReader
+from amodal3d.datamodules.split_datamodule import SplitDataModule
 
 EVAL_PREFIX = "eval_"
 

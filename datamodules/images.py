@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.shards import SplitReader
-from datamodules.split_datamodule import SplitDataModule
+from amodal3d.datamodules.shard_reader import SplitReader
+from amodal3d.datamodules.split_datamodule import SplitDataModule
 
 
 class ImageDataset(Dataset):

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import CATEGORIES
-from amodal3d.runs import save_png_atomic
-from datamodules.shards import SplitReader
+from amodal3d.atomic import save_png_atomic
+from amodal3d.datamodules.shard_reader import SplitReader
 
 _GREEN, _RED, _BLUE = np.array([40, 220, 60]), np.array([235, 40, 40]), np.array([50, 110, 255])
 

@@ -33,7 +33,7 @@ class SplitDataModule(L.LightningDataModule, ABC):
         """The DataLoader over one split's dataset."""
 
     def prepare_data(self) -> None:
-        from datamodules.build import ensure_dataset
+        from amodal3d.datamodules.build import ensure_dataset
 
         ensure_dataset(self.data_cfg)
 

@@ -51,7 +51,7 @@ class AmodalStage(L.LightningModule, ABC):
         cfg = as_config(cfg)
         self.cfg = cfg
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
-        from metrics.amodal_iou import AmodalMIoU
+        from amodal3d.metrics.amodal_iou import AmodalMIoU
 
         self.val_metric = AmodalMIoU(num_categories=len(CATEGORIES))
         self.test_metric = AmodalMIoU(num_categories=len(CATEGORIES))
@@ -62,7 +62,7 @@ class AmodalStage(L.LightningModule, ABC):
 
     def image_prediction(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(crop-frame, image-frame) amodal probabilities: what every evaluation scores."""
-        from datamodules.crops import paste_crop_to_image
+        from amodal3d.datamodules.crops import paste_crop_to_image
 
         prob = self.predict_amodal(batch).float()
         h, w = batch["image_visible"].shape[-2:]

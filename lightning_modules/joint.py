@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from amodal3d.runs import find_stage_checkpoint
-from datamodules.protocols import unknown_pixels
-from lightning_modules.common import as_config
-from lightning_modules.refine import RefineModelConfig, RefineStage
-from lightning_modules.registry import StageSpec
+from amodal3d.protocols import unknown_pixels
+from amodal3d.lightning_modules.checkpoints import checkpoint_hparams, dependency, read_checkpoint
+from amodal3d.lightning_modules.common import as_config
+from amodal3d.lightning_modules.refine import RefineModelConfig, RefineStage, prior_dependencies
+from amodal3d.lightning_modules.registry import StageSpec
 
 JOINT_STAGES = ("recon", "viewpoint", "render", "refine")
 #: refine settings that fix the network's shape: taken from the refine checkpoint
@@ -58,11 +58,6 @@ class JointModelConfig(RefineModelConfig):
     w_recon: float = 0.1  # weight of recon's label-free losses (0: refine loss only)
 
 
-def _checkpoint_hparams(path) -> dict:
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-    return ckpt.get("hyper_parameters") or {}
-
-
 class JointStage(RefineStage):
     """RefineStage whose prior is trainable, initialised from the stage checkpoints."""
 
@@ -78,9 +73,8 @@ class JointStage(RefineStage):
             raise ValueError(f"model.stages: unknown stage(s) {sorted(unknown)}; expected {', '.join(JOINT_STAGES)}")
         refine_state = None
         if prior_source is None:  # a new run, not a restored checkpoint: start from the stage checkpoints
-            # refine is of the seeded family: this experiment's own run (the 3D chain comes from prior_experiment)
-            ckpt = find_stage_checkpoint("refine", str(cfg.experiment), cfg.run.root, cfg.run.checkpoints.get("refine"))
-            hp = _checkpoint_hparams(ckpt)
+            ckpt = dependency(cfg, "refine", "joint")
+            hp = checkpoint_hparams(ckpt)
             refine_model = (hp.get("cfg") or {}).get("model") or {}
             cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
             for key in ARCHITECTURE_KEYS:
@@ -89,7 +83,7 @@ class JointStage(RefineStage):
             if (hp.get("prior_source") or {}).get("kind") == "none":
                 raise ValueError(f"{ckpt} was trained without a 3D prior; joint needs a refine checkpoint "
                                  "trained with one (`make train STAGE=refine`)")
-            refine_state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["state_dict"]
+            refine_state = read_checkpoint(ckpt)["state_dict"]
             self_refine_ckpt = str(ckpt)
         super().__init__(cfg, prior_source=prior_source, prior_factory=prior_factory)
         if refine_state is not None:
@@ -109,7 +103,7 @@ class JointStage(RefineStage):
 
     # -- recon's label-free losses --------------------------------------------------------
     def _recon_weights(self) -> dict:
-        from lightning_modules.recon import ReconModelConfig
+        from amodal3d.lightning_modules.recon import ReconModelConfig
 
         model = dict(OmegaConf.to_container(OmegaConf.structured(ReconModelConfig)))
         src = self.prior_source
@@ -120,8 +114,8 @@ class JointStage(RefineStage):
         """(coarse mask (B,1,S,S), recon's label-free loss terms) from one prior forward pass.
 
         Without a recon net in the prior, or with it frozen, only the coarse mask."""
-        from lightning_modules.refine import to_crop_size
-        from models.recon_losses import MeshRegularisers, azimuth_uniformity, resize_mask, silhouette_loss
+        from amodal3d.lightning_modules.refine import to_crop_size
+        from amodal3d.models.recon_losses import MeshRegularisers, azimuth_uniformity, resize_mask, silhouette_loss
 
         net = getattr(self.prior, "recon_net", None)
         render = getattr(self.prior, "render_outputs", None)
@@ -192,12 +186,19 @@ class JointStage(RefineStage):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
+def joint_dependencies(cfg, find) -> dict:
+    """This experiment's own refine (seeded families share only the 3D chain, which
+    comes from model.prior_experiment) and the prior chain refine's prior needs."""
+    return {"refine": find("refine", str(cfg.experiment)), **prior_dependencies(cfg, find)}
+
+
 STAGE = StageSpec(
     name="joint",
     module=JointStage,
     model_schema=JointModelConfig,
     data="crops",
     depends_on=("recon", "viewpoint", "render", "refine"),
+    dependencies=joint_dependencies,
     method="joint (end-to-end fine-tuning)",
     table_order=60,
     help="fine-tunes recon, viewpoint, render and refine together from their checkpoints",

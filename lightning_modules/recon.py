@@ -36,29 +36,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchmetrics.aggregation import CatMetric, MeanMetric
+from torchmetrics.aggregation import MeanMetric
 
 from amodal3d.categories import CATEGORIES
-from datamodules.protocols import (
-    LEGACY_PROTOCOL, check_protocol, gives_amodal_box, monitor_unknown, protocol_of, unknown_pixels,
-)
-from lightning_modules.common import AmodalStage, as_config, build_optimizer, with_schema_defaults
-from lightning_modules.registry import StageSpec
-from models.appearance import ColourTemplates, colour_error, visible_vertices
-from models.camera_head import CameraHead
-from models.encoder import CropEncoder, crop_channels
-from models.mesh_decoder import SymmetricMeshDecoder
-from models.mesh_renderer import (
-    CropRenderer, box_in_crop, centred_box_ndc, fit_placement, mask_boxes, pixel_box_to_ndc,
-)
-from models.placement import PlacementHead, adjust_box
-from models.precision import float32_geometry
-from models.recon_losses import (
-    azimuth_difference,
+from amodal3d.protocols import gives_amodal_box, monitor_unknown, protocol_of, unknown_pixels
+from amodal3d.datamodules.true_meshes import TrueMeshes
+from amodal3d.lightning_modules.common import AmodalStage, as_config, build_optimizer, with_schema_defaults
+from amodal3d.lightning_modules.registry import StageSpec
+from amodal3d.metrics.camera import CameraError
+from amodal3d.metrics.chamfer import view_frame_chamfer
+from amodal3d.models.mesh_renderer import centred_box_ndc
+from amodal3d.models.recon_losses import (
     azimuth_uniformity,
     MeshRegularisers,
     camera_loss,
@@ -68,6 +58,7 @@ from models.recon_losses import (
     view_pairs,
     visible_iou,
 )
+from amodal3d.models.recon_net import ReconNet, observed_pixels
 
 
 @dataclass
@@ -122,363 +113,6 @@ def synthetic_crop_margin(cfg) -> float:
     return float(cfg.loader.get("visible_crop_margin", cfg.loader.crop_margin))
 
 
-def observed_pixels(batch: dict) -> torch.Tensor:
-    """(B,1,S,S) where the crop shows the object itself: visible and not known to be occluded."""
-    vis, occ = batch["visible"].float(), batch["occluded"].float()
-    return (vis * (1.0 - occ)).reshape(vis.shape[0], 1, *vis.shape[-2:])
-
-
-class ReconNet(nn.Module):
-    """Crop -> symmetric mesh + camera, and their silhouette in the crop frame.
-
-    forward(batch) -> dict(verts (B,V,3), faces (F,3), offsets (B,H,3), camera (B,3)
-    azimuth deg [0,360) / elevation deg / distance, hypotheses (B,K,3), best (B,),
-    place (B,3) NDC scale/tx/ty, box (B,4) NDC target box, feat (B,D)).
-    With a camera multiplex (K > 1) `camera` is the hypothesis whose silhouette best
-    explains the visible mask outside the occluded pixels (analysis by synthesis).
-    Where the mesh is placed (`box`): under gt-box the amodal box the protocol
-    hands out; under gt-visible a box predicted from the crop feature as a bounded
-    residual over the visible box (`box_head`), learned by the silhouette losses.
-    Reads batch keys rgb, visible, occluded, category, crop_box (and amodal_box
-    under gt-box) only.
-    """
-
-    def __init__(self, m, num_categories: int = len(CATEGORIES), crop_size: int = 64,
-                 protocol: str = LEGACY_PROTOCOL) -> None:
-        super().__init__()
-        self.protocol = check_protocol(protocol)
-        self.crop_size = int(crop_size)
-        self.use_occluded = bool(m.use_occluded)
-        self.select_size = int(m.select_size)
-        self.select_prior = float(m.select_prior)
-        self.tie_margin = float(m.select_tie_margin)
-        self.break_ties = self.tie_margin > 0  # switched off by the stage before select_tie_start_step
-        self.loss_weights = (float(m.w_iou), float(m.w_mse))
-        self.encoder = CropEncoder(
-            backbone=str(m.backbone), in_chans=4 + self.use_occluded, feat_dim=int(m.feat_dim),
-            num_categories=num_categories,
-        )
-        self.decoder = SymmetricMeshDecoder(
-            int(m.feat_dim), num_categories, level=int(m.ico_level), radius=float(m.radius),
-            max_offset=float(m.max_offset),
-        )
-        self.camera_head = CameraHead(
-            int(m.feat_dim), hypotheses=int(m.camera_hypotheses),
-            elevation_range=tuple(m.elevation_range), distance_range=tuple(m.distance_range),
-        )
-        self.offset_scale = 1.0  # set by the stage during the offset warm-up
-        self.renderer = CropRenderer(
-            sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend)
-        )
-        # colour templates only when asked for: checkpoints trained without them keep loading
-        self.appearance = (ColourTemplates(num_categories, self.decoder.src, init_noise=float(m.colour_init_noise))
-                           if float(m.w_colour) > 0 else None)
-        self.colour_select = float(m.colour_select)
-        # gt-visible: the box is predicted (zero residual at the start: the visible box)
-        self.box_head = None if gives_amodal_box(self.protocol) else PlacementHead(
-            int(m.feat_dim), num_categories, geometry_dim=4, max_log_scale=float(m.box_max_log_scale),
-            max_shift=float(m.box_max_shift),
-        )
-
-    @property
-    def faces(self) -> torch.Tensor:
-        return self.decoder.faces
-
-    def inputs(self, batch: dict) -> torch.Tensor:
-        return crop_channels(batch["rgb"], batch["visible"], batch["occluded"] if self.use_occluded else None,
-                             self.use_occluded)
-
-    def encode(self, x: torch.Tensor, category: torch.Tensor) -> dict[str, torch.Tensor]:
-        feat = self.encoder(x, category)
-        out = self.decoder(feat, category, self.offset_scale)
-        out.update(self.camera_head(feat))
-        out["feat"] = feat
-        return out
-
-    def target_box(self, batch: dict, feat: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,4) NDC (cx, cy, w, h) box the mesh's projection is fitted to, in the crop
-        frame: the amodal box (gt-box), or the box predicted from `feat` (gt-visible)."""
-        if self.box_head is None:
-            box = box_in_crop(batch["amodal_box"].float(), batch["crop_box"].float(), self.crop_size)
-            return pixel_box_to_ndc(box, self.crop_size)
-        if feat is None:
-            raise ValueError("under gt-visible the mesh's box is predicted: pass the crop feature (encode()['feat'])")
-        vis = pixel_box_to_ndc(mask_boxes(batch["visible"]), self.crop_size)
-        return adjust_box(vis, self.box_head(feat.float(), batch["category"], vis))
-
-    def render(self, verts: torch.Tensor, camera: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
-        """(B,size,size) soft silhouettes, placed so the projection fills `box`."""
-        place = fit_placement(verts, camera, box, self.renderer.fov)
-        return self.renderer(verts, self.faces, camera, place, size)
-
-    def colour_error(self, verts: torch.Tensor, camera: torch.Tensor, box: torch.Tensor, category: torch.Tensor,
-                     rgb: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-        """(B,) colour error of the category colour templates on the meshes placed in
-        `box` under `camera`, against the crop's RGB where `observed` (B,1,S,S) holds
-        (models.appearance; the meshes and cameras get no gradient from it)."""
-        verts, camera = verts.detach(), camera.detach()
-        place = fit_placement(verts, camera, box, self.renderer.fov)
-        xy, visible = visible_vertices(verts, self.faces, camera, place)
-        detail, share = self.appearance(category)
-        return colour_error(xy, visible, detail, share, rgb, observed)[0]
-
-    def select_camera(self, out: dict, batch: dict, box: torch.Tensor, tie_noise: float = 0.0):
-        """(camera (B,3), best (B,)): the hypothesis whose render (at select_size, no
-        gradient) has the lowest masked silhouette loss against the visible mask, plus
-        colour_select x the colour templates' error where they exist (a phone's screen
-        tells its front from its back when the silhouettes cannot), plus
-        select_prior x the score's -log p (silhouettes seen from opposite sides often
-        fit equally well; the score, which also sees the RGB, then decides).
-        With a tie margin (and break_ties on), every hypothesis within the margin of
-        the lowest loss counts as a tie and the highest score among them wins: a
-        convention shared by all instances, which the score can learn from the RGB
-        (screens, windows), instead of a per-instance coin toss."""
-        hyp = out["hypotheses"]
-        b, k, _ = hyp.shape
-        if k == 1:
-            return hyp[:, 0], torch.zeros(b, dtype=torch.long, device=hyp.device)
-        size = self.select_size
-        with torch.no_grad():
-            target = resize_mask(batch["visible"], size).repeat_interleave(k, 0)
-            weight = 1.0 - resize_mask(batch["occluded"], size).repeat_interleave(k, 0)
-            verts = out["verts"].detach().repeat_interleave(k, 0)
-            sil = self.render(verts, hyp.detach().reshape(b * k, 3), box.repeat_interleave(k, 0), size)
-            err = silhouette_loss(sil, target, weight, *self.loss_weights).view(b, k)
-            if self.appearance is not None and self.colour_select > 0:
-                col = self.colour_error(
-                    verts, hyp.reshape(b * k, 3), box.repeat_interleave(k, 0), batch["category"].repeat_interleave(k),
-                    batch["rgb"].repeat_interleave(k, 0), observed_pixels(batch).repeat_interleave(k, 0),
-                )
-                err = err + self.colour_select * col.view(b, k)
-            if self.select_prior > 0:
-                err = err - self.select_prior * torch.log_softmax(out["logits"].detach(), dim=1)
-            if tie_noise > 0:
-                err = err + tie_noise * torch.rand_like(err)
-            best = err.argmin(dim=1)
-            if self.break_ties:
-                tied = err <= err.min(dim=1, keepdim=True).values + self.tie_margin
-                by_score = out["logits"].detach().masked_fill(~tied, float("-inf")).argmax(dim=1)
-                out["tie_broken"] = (by_score != best).float()
-                best = by_score
-        return hyp[torch.arange(b, device=hyp.device), best], best
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.encode(self.inputs(batch), batch["category"])
-        out["box"] = self.target_box(batch, out["feat"])
-        out["camera"], out["best"] = self.select_camera(out, batch, out["box"])
-        out["place"] = fit_placement(out["verts"], out["camera"], out["box"], self.renderer.fov)
-        return out
-
-    def silhouette(self, batch: dict, size: int | None = None) -> torch.Tensor:
-        """(B,1,S,S) rendered silhouette in the crop frame (S = crop size by default)."""
-        out = self(batch)
-        sil = self.renderer(out["verts"], self.faces, out["camera"], out["place"], size or self.crop_size)
-        return sil[:, None]
-
-
-# -- evaluation-only helpers (hidden ground truth: never used in a loss) ----------------------
-
-
-def _offset_grids(rows: torch.Tensor, num_categories: int):
-    """Per category present: (c, rows selected, (360, n) aligned errors for every azimuth
-    offset, and the symmetry-aware ones or None): what camera_errors and camera_offsets pick from."""
-    cat = rows[:, 0].long()
-    pred, true = rows[:, 1:4], rows[:, 4:7]
-    same = rows[:, 8:]
-    known = ~torch.isnan(same).any(dim=1) if same.shape[1] else torch.zeros_like(cat, dtype=torch.bool)
-    view_az = torch.arange(same.shape[1], dtype=rows.dtype, device=rows.device) * (360.0 / max(same.shape[1], 1))
-    grid = torch.arange(360, dtype=rows.dtype, device=rows.device)
-    for c in range(num_categories):
-        sel = cat == c
-        if not sel.any():
-            continue
-        shifted = pred[sel, 0][None] + grid[:, None]  # (360, n)
-        err = azimuth_difference(shifted, true[sel, 0][None])
-        sym = None
-        if known[sel].any():
-            to_views = azimuth_difference(shifted[..., None], view_az)  # (360, n, V)
-            twins = torch.where(same[sel] == 1, to_views, torch.full_like(to_views, float("inf"))).amin(-1)
-            sym = torch.where(known[sel][None], twins, err)
-        yield c, sel, err, sym
-
-
-def camera_offsets(rows: torch.Tensor, num_categories: int) -> dict[str, list[int]]:
-    """Per-category azimuth offsets (degrees, 1 degree grid) that minimise the mean
-    aligned and symmetry-aware errors of `rows` (camera_errors' layout); categories
-    absent from rows get 0. Fit them on validation, apply them to test."""
-    out = {"aligned": [0] * num_categories, "symaware": [0] * num_categories}
-    for c, _, err, sym in _offset_grids(rows, num_categories):
-        out["aligned"][c] = int(err.mean(dim=1).argmin())
-        out["symaware"][c] = int((err if sym is None else sym).mean(dim=1).argmin())
-    return out
-
-
-def camera_errors(rows: torch.Tensor, num_categories: int, offsets: dict | None = None) -> dict[str, torch.Tensor]:
-    """Camera and shape errors from per-instance rows (category, az, el, dist
-    predicted, az, el, dist true, chamfer[, same-picture views]).
-
-    The learned canonical frame of each category is arbitrary, so besides the raw
-    azimuth error the errors are also reported after one global azimuth offset per
-    category (on a 1 degree grid): by default the offset that minimises that
-    category's mean error on the evaluated split itself (training curves); with
-    `offsets` (camera_offsets of another split, e.g. validation) those offsets are
-    applied instead, so the scored split decides nothing. acc30: share of instances within 30 deg;
-    flip_share: share off by more than 135 deg (a front/back flip), quarter_share: off
-    by 45-135 deg (the view turned by about a quarter); uniform guesses give 25% / 50%.
-    az_err_aligned_sym folds front/back flips (min(e, 180 - e)) of every instance: a
-    diagnostic for objects whose silhouettes are nearly the same from opposite sides.
-    Optional columns 8.. (V of them): 1 for each of V equally spaced azimuths
-    (360 k / V) whose view is the same picture as the true one (TrueMeshes.same_views;
-    a NaN row: unknown). az_err_symaware is then the error to the nearest of those
-    azimuths, with its own offset per category: the error no method can avoid is not
-    counted, everything a method could see still is. views_with_twin: share of
-    instances whose view has such a twin.
-    """
-    pred, true = rows[:, 1:4], rows[:, 4:7]
-    same = rows[:, 8:]
-    known = (~torch.isnan(same).any(dim=1) if same.shape[1]
-             else torch.zeros(len(rows), dtype=torch.bool, device=rows.device))
-    raw = azimuth_difference(pred[:, 0], true[:, 0])
-    aligned, symaware = raw.clone(), raw.clone()
-    offsets = offsets or camera_offsets(rows, num_categories)
-    for c, sel, err, sym in _offset_grids(rows, num_categories):
-        aligned[sel] = err[offsets["aligned"][c]]
-        if sym is not None:
-            symaware[sel] = sym[offsets["symaware"][c]]
-    out = {
-        "az_err_raw": raw.mean(),
-        "az_err_aligned": aligned.mean(),
-        "az_median_aligned": aligned.median(),
-        "az_acc30_aligned": (aligned < 30).float().mean(),
-        "az_flip_share": (aligned > 135).float().mean(),
-        "az_quarter_share": ((aligned > 45) & (aligned <= 135)).float().mean(),
-        "az_err_aligned_sym": torch.minimum(aligned, 180.0 - aligned).mean(),
-        "el_err": (pred[:, 1] - true[:, 1]).abs().mean(),
-        "dist_err": (pred[:, 2] - true[:, 2]).abs().mean(),
-    }
-    if known.any():
-        out["az_err_symaware"] = symaware.mean()
-        out["views_with_twin"] = ((same[known] == 1).sum(dim=1) > 1).float().mean()
-    chamfer = rows[:, 7]
-    if torch.isfinite(chamfer).any():
-        out["chamfer"] = chamfer[torch.isfinite(chamfer)].mean()
-    return out
-
-
-class TrueMeshes:
-    """The true mesh of an object of a built dataset, for evaluation only.
-
-    synth13 objects are regenerated from (category, split, index, seed), which the
-    manifest's `objects` table gives for every split-wide object id; other sources
-    keep no meshes in the dataset, so `get` and `same_views` return None for them.
-    """
-
-    def __init__(self, root) -> None:
-        from datamodules.shards import read_manifest
-
-        try:
-            manifest = read_manifest(root)
-        except Exception:  # no readable dataset: no 3D diagnostics, not a training error
-            manifest = {}
-        gen = manifest.get("generator", {})
-        self.enabled = gen.get("source") == "synth13" and "objects" in manifest
-        self.seed = int(gen.get("seed", 0))
-        self.views = int(gen.get("views", 24))
-        self.render_size = int(gen.get("render_size", 64))
-        self.objects = manifest.get("objects", {})
-        self._cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._same: dict[tuple[str, int], np.ndarray] = {}
-
-    def __bool__(self) -> bool:
-        return self.enabled
-
-    def _object(self, split: str, object_id: int):
-        """The regenerated synth13 object behind a split-wide object id (None: unknown)."""
-        from datamodules.sources.synth13 import synth_object
-
-        for cat, info in self.objects.get(split, {}).items():
-            k = object_id - int(info["offset"])
-            if 0 <= k < int(info["count"]):
-                return synth_object(cat, split, k, self.seed)
-        return None
-
-    def get(self, split: str, object_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        if not self.enabled:
-            return None
-        meshes = []
-        for oid in object_ids.tolist():
-            key = (split, int(oid))
-            if key not in self._cache:
-                obj = self._object(split, int(oid))
-                if obj is None:
-                    return None
-                self._cache[key] = (torch.from_numpy(obj.verts).float(), torch.from_numpy(obj.faces).long())
-            meshes.append(self._cache[key])
-        return meshes
-
-    def same_views(self, split: str, object_ids: torch.Tensor, azimuth: torch.Tensor) -> torch.Tensor | None:
-        """(B, V) 1 for every one of the object's V views that is the same picture as the
-        instance's own view (metrics.view_symmetry.same_picture on the object's renders,
-        the view itself included), else 0; a NaN row for an azimuth between views or
-        an unknown object; None without true meshes."""
-        from datamodules.sources.base import nmr_cameras
-        from datamodules.sources.synth13 import render_synth_objects
-        from metrics.view_symmetry import same_picture
-
-        if not self.enabled:
-            return None
-        out = torch.full((len(object_ids), self.views), float("nan"))
-        step = 360.0 / self.views
-        for i, (oid, az) in enumerate(zip(object_ids.tolist(), azimuth.tolist())):
-            key = (split, int(oid))
-            if key not in self._same:
-                obj = self._object(split, int(oid))
-                if obj is None:  # not in the manifest: unknown, like an azimuth between views
-                    continue
-                self._same[key] = same_picture(render_synth_objects([obj], nmr_cameras(self.views), self.render_size))[0]
-            view = az / step
-            if abs(view - round(view)) < 1e-3:
-                out[i] = torch.from_numpy(self._same[key][int(round(view)) % self.views].astype(np.float32))
-        return out
-
-
-def _normalise_points(p: torch.Tensor) -> torch.Tensor:
-    """Centre each (B,N,3) point set's bounding box and scale its diagonal to 1."""
-    lo, hi = p.min(dim=1, keepdim=True).values, p.max(dim=1, keepdim=True).values
-    return (p - 0.5 * (lo + hi)) / (hi - lo).norm(dim=-1, keepdim=True).clamp_min(1e-6)
-
-
-@float32_geometry
-def view_frame_chamfer(
-    verts: torch.Tensor,
-    faces: torch.Tensor,
-    camera: torch.Tensor,
-    true_meshes: list[tuple[torch.Tensor, torch.Tensor]],
-    true_camera: torch.Tensor,
-    num_points: int = 2000,
-) -> torch.Tensor:
-    """(B,) Chamfer distance (pytorch3d, squared L2, both directions) between the
-    predicted mesh seen from the predicted camera and the true mesh seen from the
-    true camera, each normalised (bbox centred, diagonal 1): a view-centred 3D error
-    that needs no alignment of the learned canonical frame."""
-    from pytorch3d.loss import chamfer_distance
-    from pytorch3d.ops import sample_points_from_meshes
-    from pytorch3d.structures import Meshes
-
-    from models.mesh_renderer import make_cameras
-
-    dev = verts.device
-    b = verts.shape[0]
-    pred_view = make_cameras(camera).get_world_to_view_transform().transform_points(verts)
-    true_tf = make_cameras(true_camera.to(dev)).get_world_to_view_transform()
-    true_verts = [m[0].to(dev) for m in true_meshes]
-    true_view = [true_tf[i].transform_points(v[None])[0] for i, v in enumerate(true_verts)]
-    pred_pts = sample_points_from_meshes(Meshes(pred_view, faces[None].expand(b, -1, -1)), num_points)
-    true_pts = sample_points_from_meshes(Meshes(true_view, [m[1].to(dev) for m in true_meshes]), num_points)
-    dist, _ = chamfer_distance(_normalise_points(pred_pts), _normalise_points(true_pts), batch_reduction=None)
-    return dist
-
-
 class ReconStage(AmodalStage):
     """The `recon` stage (see the module docstring)."""
 
@@ -507,8 +141,8 @@ class ReconStage(AmodalStage):
         self.val_visible_iou = MeanMetric()
         self.test_visible_iou = MeanMetric()
         # per instance: category, az/el/dist predicted, az/el/dist true, chamfer (NaN: no true mesh)
-        self.val_cameras = CatMetric()
-        self.test_cameras = CatMetric()
+        self.val_cameras = CameraError(len(CATEGORIES))
+        self.test_cameras = CameraError(len(CATEGORIES))
         self._last: dict | None = None
         self._true_meshes = None
 
@@ -667,12 +301,10 @@ class ReconStage(AmodalStage):
             same = self._truth().same_views(split, batch["object_id"].cpu(), batch["eval_camera"][:, 0].cpu())
         return torch.zeros((len(batch["eval_camera"]), 0), device=dev) if same is None else same.to(dev)
 
-    def _log_cameras(self, cam_metric, prefix: str) -> None:
-        rows = cam_metric.compute() if cam_metric.update_count else None
+    def _log_cameras(self, cam_metric: CameraError, prefix: str) -> None:
+        errors = cam_metric.compute() if cam_metric.update_count else {}
         cam_metric.reset()
-        if rows is None or rows.numel() == 0:
-            return
-        for k, v in camera_errors(rows, len(CATEGORIES)).items():
+        for k, v in errors.items():
             self.log(f"{prefix}/{k}", v, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
@@ -702,7 +334,7 @@ class ReconStage(AmodalStage):
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import Timer
 
-        from callbacks.tensorboard_images import TensorBoardImages
+        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
 
         callbacks = [
             TensorBoardImages(

@@ -10,9 +10,8 @@ other hidden ground truth is read in training.
 
 The prior comes from a factory, so any nn.Module with `coarse_mask(batch) ->
 (B,1,S,S)` probabilities can be plugged in (tests use stand-ins):
-  * model.prior=auto (default): the render stage's ShapePrior
-    (`lightning_modules.render.load_shape_prior(cfg)`, wrapped in RenderShapePrior)
-    when a render checkpoint exists, else the recon render (`ReconShapePrior`: the
+  * model.prior=auto (default): the render stage's ShapePrior (wrapped in
+    RenderShapePrior) when a finished render run exists, else the recon render (`ReconShapePrior`: the
     recon net's mesh and camera, rendered in the crop);
   * render | recon: only that one; none: a zero coarse mask (the 2D-only
     ablation, stage `refine_2d`).
@@ -26,17 +25,15 @@ masks are cached per instance (uint8), and the prior runs once per instance.
 Evaluation-only variant: `camera_source="true"` feeds refine the render of the
 predicted shape from the true camera (`eval_camera`, mapped into the learned
 canonical frame by per-category offsets fitted on the validation split with
-`calibrate_true_camera`). A training step refuses to run in that mode.
+`amodal3d.bench.true_camera`). A training step refuses to run in that mode.
 
-Besides this stage's own row, the bench gets two rows from `STAGE.extra["bench_rows"]`:
-`Ours` (joint, or refine where joint is not better on the validation split) and
-`Ours` fed with the true-camera render.
+The checkpoints of the prior chain come from run.checkpoints, which the runner
+resolves (`prior_dependencies`) before building the stage. Which refine-family run
+is "Ours" is the bench's choice (amodal3d.bench.ours).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +45,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from amodal3d.categories import CATEGORIES
-from amodal3d.runs import find_stage_checkpoint
-from datamodules.protocols import gives_amodal_box, protocol_of
-from lightning_modules.common import AmodalStage
-from lightning_modules.registry import StageSpec
-from models.refine_net import GATES, RefineNet, region_losses
+from amodal3d.protocols import gives_amodal_box, protocol_of
+from amodal3d.lightning_modules.checkpoints import checkpoint_model_config, dependency, optional_dependency
+from amodal3d.lightning_modules.common import AmodalStage
+from amodal3d.lightning_modules.registry import StageSpec
+from amodal3d.models.refine_net import GATES, RefineNet, region_losses
 
 PRIOR_KINDS = ("auto", "render", "recon", "none")
 CAMERA_SOURCES = ("predicted", "true")
@@ -109,7 +106,7 @@ class ReconShapePrior(nn.Module):
     def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """(silhouette (B,r,r) at render_size, the recon net's outputs) for the predicted
         camera, or for `camera` (B,3) with the placement refitted to the amodal box."""
-        from models.mesh_renderer import fit_placement
+        from amodal3d.models.mesh_renderer import fit_placement
 
         out = self.net(batch)
         place = out["place"]
@@ -154,7 +151,7 @@ class RenderShapePrior(nn.Module):
     def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         out = self.shape(batch)
         if camera is not None:
-            from models.placement import box_placement
+            from amodal3d.models.placement import box_placement
 
             camera = camera.to(out["verts"].dtype)
             out = dict(out, camera=camera)
@@ -174,92 +171,64 @@ def to_crop_size(mask: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
-def _prior_config(cfg: DictConfig) -> DictConfig:
-    """A copy of cfg whose `experiment` is the one the prior's checkpoints come from."""
-    pc = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.model.prior_experiment:
-        pc.experiment = str(cfg.model.prior_experiment)
-    return pc
+def prior_experiment(cfg: DictConfig) -> str:
+    """The experiment whose 3D chain (recon, viewpoint, render) feeds the prior."""
+    return str(cfg.model.prior_experiment or cfg.experiment)
 
 
-def _render_loader() -> Callable | None:
-    """lightning_modules.render.load_shape_prior, when the render stage exists."""
-    try:
-        from lightning_modules import render
-    except ImportError:
-        return None
-    return getattr(render, "load_shape_prior", None)
-
-
-def _found_checkpoints(pc: DictConfig) -> dict[str, str]:
-    """The prior-chain checkpoints that exist for pc's experiment (explicit paths first)."""
-    found = {}
-    for stage in PRIOR_STAGES:
-        try:
-            found[stage] = str(find_stage_checkpoint(stage, pc.experiment, pc.run.root, pc.run.checkpoints.get(stage)))
-        except FileNotFoundError:
-            continue
-    return found
-
-
-def _recon_model_config(checkpoint: str | Path) -> dict:
-    """The recon `model` section stored in a recon checkpoint's hyper-parameters."""
-    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    try:
-        return dict(ckpt["hyper_parameters"]["cfg"]["model"])
-    except (KeyError, TypeError):
-        raise ValueError(f"{checkpoint}: not a recon checkpoint (no hyper_parameters.cfg.model)") from None
+def prior_dependencies(cfg: DictConfig, find) -> dict:
+    """What model.prior needs (the runner resolves it): the render checkpoint where it is
+    used (optional under auto), recon where the render one is absent; the chain's other
+    finished checkpoints are recorded too, as the prior's provenance."""
+    kind = str(cfg.model.prior)
+    if kind not in PRIOR_KINDS:
+        raise ValueError(f"model.prior={kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
+    if kind == "none":
+        return {}
+    exp = prior_experiment(cfg)
+    deps = {"render": find("render", exp, required=kind == "render")} if kind in ("auto", "render") else {}
+    deps["recon"] = find("recon", exp, required=kind == "recon" or not deps.get("render"))
+    if deps.get("render"):
+        deps["viewpoint"] = find("viewpoint", exp, required=False)
+    return deps
 
 
 def recon_prior(checkpoint: str | Path, render_size: int) -> tuple[ReconShapePrior, dict]:
-    from lightning_modules.recon import load_recon
+    from amodal3d.lightning_modules.recon import load_recon
 
     net = load_recon(str(checkpoint))
     source = {
-        "kind": "recon", "checkpoint": str(checkpoint), "model": _recon_model_config(checkpoint),
+        "kind": "recon", "checkpoint": str(checkpoint), "model": checkpoint_model_config(checkpoint),
         "crop_size": int(net.crop_size), "protocol": net.protocol,
     }
     return ReconShapePrior(net, render_size), source
 
 
 def build_prior(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
-    """(frozen prior module or None, where it came from) for cfg.model.prior."""
+    """(frozen prior module or None, where it came from) for cfg.model.prior, from the
+    checkpoints cfg names (run.checkpoints, filled by the runner)."""
+    from amodal3d.lightning_modules.render import shape_prior_from_checkpoint
+
     kind = str(cfg.model.prior)
     if kind not in PRIOR_KINDS:
         raise ValueError(f"model.prior={kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
     if kind == "none":
         return None, {"kind": "none"}
-    pc = _prior_config(cfg)
-    fallback_reason = ""
-    if kind in ("auto", "render"):
-        loader = _render_loader()
-        if loader is None:
-            fallback_reason = "lightning_modules/render.py provides no load_shape_prior"
-            if kind == "render":
-                raise ValueError(f"model.prior=render: {fallback_reason}; use model.prior=recon")
-        else:
-            found = _found_checkpoints(pc)
-            for stage, path in found.items():
-                pc.run.checkpoints[stage] = path
-            try:
-                shape = loader(pc)
-                prior = RenderShapePrior(shape, int(cfg.model.prior_render_size))
-                source = {"kind": "render", "experiment": str(pc.experiment), "checkpoints": found}
-                if isinstance(getattr(shape, "spec", None), dict):
-                    source["spec"] = shape.spec
-                return prior, source
-            except FileNotFoundError as err:
-                if kind == "render":
-                    raise
-                fallback_reason = str(err)
-    try:
-        ckpt = find_stage_checkpoint("recon", pc.experiment, pc.run.root, pc.run.checkpoints.get("recon"))
-    except FileNotFoundError as err:
-        why = f" (the render prior is not available: {fallback_reason})" if fallback_reason else ""
-        raise FileNotFoundError(f"no 3D prior for the coarse mask{why}: {err}") from None
-    if fallback_reason:
-        print(f"[refine] 3D prior: the render prior is not available ({fallback_reason}); "
-              f"using the recon render of {ckpt}", file=sys.stderr, flush=True)
+    stage = str(cfg.stage)
+    if kind == "render":
+        render_ckpt = dependency(cfg, "render", stage)
+    else:
+        render_ckpt = optional_dependency(cfg, "render", stage) if kind == "auto" else None
+    if render_ckpt:
+        shape = shape_prior_from_checkpoint(render_ckpt)
+        checkpoints = {s: str(cfg.run.checkpoints[s]) for s in PRIOR_STAGES if cfg.run.checkpoints.get(s)}
+        source = {"kind": "render", "experiment": prior_experiment(cfg), "checkpoints": checkpoints,
+                  "spec": shape.spec}
+        return RenderShapePrior(shape, int(cfg.model.prior_render_size)), source
+    ckpt = dependency(cfg, "recon", stage)
+    if kind == "auto":
+        print(f"[{stage}] 3D prior: no render checkpoint (no finished render run of experiment "
+              f"{prior_experiment(cfg)!r}); using the recon render of {ckpt}", file=sys.stderr, flush=True)
     prior, source = recon_prior(ckpt, int(cfg.model.prior_render_size))
     if int(source["crop_size"]) != int(cfg.loader.crop_size):
         raise ValueError(f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {ckpt} was trained with "
@@ -273,26 +242,21 @@ def prior_from_source(cfg: DictConfig, source: dict) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "recon":
-        from lightning_modules.viewpoint import recon_net_from_spec
+        from amodal3d.lightning_modules.viewpoint import recon_net_from_spec
 
         return ReconShapePrior(recon_net_from_spec(source).eval(), int(cfg.model.prior_render_size))
     if kind == "render" and "spec" in source:  # rebuilt from its spec: no checkpoint file needed
-        from lightning_modules.render import ShapePrior
+        from amodal3d.lightning_modules.render import ShapePrior
 
         return RenderShapePrior(ShapePrior(source["spec"]), int(cfg.model.prior_render_size))
-    if kind == "render":
-        loader = _render_loader()
-        if loader is None:
-            raise ValueError("this checkpoint was trained with the render prior, but lightning_modules/render.py "
-                             "provides no load_shape_prior")
-        pc = _prior_config(cfg)
-        pc.experiment = source.get("experiment", pc.experiment)
-        for stage, path in source.get("checkpoints", {}).items():
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"the render prior of this checkpoint was built from {path} "
-                                        f"(stage {stage}), which no longer exists")
-            pc.run.checkpoints[stage] = path
-        return RenderShapePrior(loader(pc), int(cfg.model.prior_render_size))
+    if kind == "render":  # written before the spec was stored: rebuilt from its render checkpoint
+        from amodal3d.lightning_modules.render import shape_prior_from_checkpoint
+
+        path = source.get("checkpoints", {}).get("render", "")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"the render prior of this checkpoint was built from {path or '(unrecorded)'} "
+                                    "(stage render), which no longer exists")
+        return RenderShapePrior(shape_prior_from_checkpoint(path), int(cfg.model.prior_render_size))
     if kind == "custom":
         raise ValueError("this checkpoint was trained with a prior injected through prior_factory: pass the same "
                          "prior_factory to load_from_checkpoint")
@@ -355,7 +319,7 @@ class RefineStage(AmodalStage):
         self.register_buffer("true_camera_map", identity_camera_map(), persistent=False)
         self._cache: dict[str, dict[int, torch.Tensor]] = {}
         self._last_coarse: torch.Tensor | None = None
-        from metrics.amodal_iou import AmodalMIoU
+        from amodal3d.metrics.amodal_iou import AmodalMIoU
 
         self.val_coarse_metric = AmodalMIoU(num_categories=len(CATEGORIES))
 
@@ -477,7 +441,7 @@ class RefineStage(AmodalStage):
         return self.net(batch["rgb"], batch["visible"], batch["occluded"], coarse)["prob"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        from datamodules.crops import paste_crop_to_image
+        from amodal3d.datamodules.crops import paste_crop_to_image
 
         self.evaluate_batch(batch, self.val_metric)
         h, w = batch["image_visible"].shape[-2:]
@@ -492,7 +456,7 @@ class RefineStage(AmodalStage):
         self.val_coarse_metric.reset()
 
     def configure_callbacks(self):
-        from callbacks.tensorboard_images import TensorBoardImages
+        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
 
         return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs))]
 
@@ -514,160 +478,14 @@ def map_true_camera(true: torch.Tensor, category: torch.Tensor, cmap: torch.Tens
     return torch.stack([az, true[:, 1] + t[:, 2], true[:, 2] + t[:, 3]], dim=1)
 
 
-def fit_camera_map(category: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """(C,4) camera map minimising the mean azimuth error per category (1 degree grid,
-    both azimuth directions: the learned frame may be mirrored) plus the mean
-    elevation and distance differences. Categories without rows keep the identity."""
-    from models.recon_losses import azimuth_difference
-
-    cmap = identity_camera_map().to(pred.dtype)
-    grid = torch.arange(360, dtype=pred.dtype)
-    for c in range(len(CATEGORIES)):
-        sel = category.long().cpu() == c
-        if not sel.any():
-            continue
-        p, t = pred[sel].cpu(), true[sel].cpu()
-        best = None
-        for sign in (1.0, -1.0):
-            err = azimuth_difference(p[None, :, 0], sign * t[None, :, 0] + grid[:, None]).mean(1)
-            k = int(err.argmin())
-            if best is None or float(err[k]) < best[0]:
-                best = (float(err[k]), sign, float(grid[k]))
-        cmap[c] = torch.tensor([best[1], best[2], float((p[:, 1] - t[:, 1]).mean()), float((p[:, 2] - t[:, 2]).mean())])
-    return cmap
-
-
-@torch.no_grad()
-def calibrate_true_camera(
-    module: RefineStage, loader, device: torch.device, max_batches: int | None = None
-) -> torch.Tensor:
-    """Fit module.true_camera_map on `loader` (the validation split: evaluation only)
-    and switch the module to camera_source='true'."""
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    if module.prior is None or not callable(getattr(module.prior, "camera", None)):
-        raise TypeError(f"the 3D prior {type(module.prior).__name__} exposes no camera(batch): the true-camera "
-                        "variant needs it to align the learned frame with the true one")
-    cats, preds, trues = [], [], []
-    module.eval()
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = move_data_to_device(batch, device)
-        preds.append(module.prior.camera(batch).float().cpu())
-        trues.append(batch["eval_camera"].float().cpu())
-        cats.append(batch["category"].cpu())
-    if not preds:
-        raise ValueError("calibrate_true_camera: the loader is empty")
-    cmap = fit_camera_map(torch.cat(cats), torch.cat(preds), torch.cat(trues))
-    module.true_camera_map = cmap.to(device)
-    module.camera_source = "true"
-    return cmap
-
-
-# ----------------------------------------------------------------------------- Ours and the bench rows
-
-OURS = "Ours"
-OURS_TRUE_CAMERA = "Ours + true-camera render (eval only)"
-
-
-def validation_score(checkpoint: Path) -> float | None:
-    """The best validation score of the run a checkpoint belongs to (summary.json,
-    else the checkpoint callback's state)."""
-    summary = Path(checkpoint).parent.parent / "summary.json"
-    if summary.is_file():
-        try:
-            score = json.loads(summary.read_text()).get("best_score")
-            if score is not None and math.isfinite(float(score)):
-                return float(score)
-        except (ValueError, OSError):
-            pass
-    try:
-        ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    except Exception:
-        return None
-    for key, state in (ckpt.get("callbacks") or {}).items():
-        if "ModelCheckpoint" in str(key) and state.get("best_model_score") is not None:
-            return float(state["best_model_score"])
-    return None
-
-
-def ours_checkpoint(experiment: str, root: str = "runs", overrides: dict | None = None) -> tuple[str, Path]:
-    """(stage, checkpoint) of the Ours row: joint, unless it is missing or its
-    validation mIoU is not higher than refine's. Selection uses validation scores,
-    never the test split."""
-    overrides = overrides or {}
-    found: dict[str, Path] = {}
-    for stage in ("joint", "refine"):
-        try:
-            found[stage] = find_stage_checkpoint(stage, experiment, root, overrides.get(stage))
-        except FileNotFoundError:
-            continue
-    if not found:
-        exp_arg = "" if experiment == "default" else f" EXP={experiment}"
-        raise FileNotFoundError(f"no refine or joint checkpoint for experiment {experiment!r}: train them with "
-                                f"`make train STAGE=refine{exp_arg}` then `make train STAGE=joint{exp_arg}`")
-    if "joint" in found and "refine" in found:
-        sj, sr = validation_score(found["joint"]), validation_score(found["refine"])
-        if sj is None or (sr is not None and sj <= sr):
-            return "refine", found["refine"]
-        return "joint", found["joint"]
-    stage = next(iter(found))
-    return stage, found[stage]
-
-
-def load_stage_module(stage: str, checkpoint: str | Path, device: torch.device | str = "cpu") -> RefineStage:
-    """A refine-family stage module (refine, refine_2d, joint) from its checkpoint, in eval mode."""
-    from lightning_modules.registry import get_stage
-
-    module = get_stage(stage).module.load_from_checkpoint(str(checkpoint), map_location=device)
-    return module.to(device).eval()
-
-
-@dataclass
-class BenchRow:
-    """A table row computed from another stage's checkpoint (see STAGE.extra["bench_rows"]).
-
-    load(cfg, device) -> AmodalStage ready to score; status "ok" or why not.
-    """
-
-    name: str
-    stage: str
-    checkpoint: Path | None
-    status: str
-    load: Callable[[DictConfig, torch.device], AmodalStage] | None = None
-
-
-def bench_rows(experiment: str, root: str = "runs") -> list[BenchRow]:
-    """The Ours row and Ours fed with the true-camera render (evaluation only)."""
-    from amodal3d.bench.evaluate import eval_loader
-    from amodal3d.bench.table import NOT_TRAINED
-
-    try:
-        stage, ckpt = ours_checkpoint(experiment, root)
-    except FileNotFoundError:
-        return [BenchRow(OURS, "refine", None, NOT_TRAINED), BenchRow(OURS_TRUE_CAMERA, "refine", None, NOT_TRAINED)]
-
-    def load_ours(cfg: DictConfig, device: torch.device) -> AmodalStage:
-        return load_stage_module(stage, ckpt, device)
-
-    def load_true_camera(cfg: DictConfig, device: torch.device) -> AmodalStage:
-        module = load_stage_module(stage, ckpt, device)
-        calibrate_true_camera(module, eval_loader(cfg, "val"), device)
-        return module
-
-    return [BenchRow(OURS, stage, ckpt, "ok", load_ours),
-            BenchRow(OURS_TRUE_CAMERA, stage, ckpt, "ok", load_true_camera)]
-
-
 STAGE = StageSpec(
     name="refine",
     module=RefineStage,
     model_schema=RefineModelConfig,
     data="crops",
     depends_on=("recon",),
+    dependencies=prior_dependencies,
     method="refine (3D prior frozen)",
     table_order=50,
     help="step 5: region-specific refinement of the 3D prior's render (supervised by amodal masks)",
-    extra={"bench_rows": bench_rows},
 )

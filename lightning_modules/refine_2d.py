@@ -9,9 +9,9 @@ refine.yaml; a test keeps the two in step).
 
 from __future__ import annotations
 
-from lightning_modules.common import as_config
-from lightning_modules.refine import RefineModelConfig, RefineStage
-from lightning_modules.registry import StageSpec
+from amodal3d.lightning_modules.common import as_config
+from amodal3d.lightning_modules.refine import RefineModelConfig, RefineStage
+from amodal3d.lightning_modules.registry import StageSpec
 
 
 class Refine2DStage(RefineStage):

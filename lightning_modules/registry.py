@@ -11,8 +11,9 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-_PACKAGES = ("lightning_modules", "lightning_modules.baselines")
+_PACKAGES = ("amodal3d.lightning_modules", "amodal3d.lightning_modules.baselines")
 _NOT_STAGES = {"registry", "common", "checkpoints"}
 
 
@@ -23,10 +24,14 @@ class StageSpec:
     module: the LightningModule class, constructed as module(cfg).
     model_schema: dataclass of the config's `model` section.
     data: "crops" (per-instance crops) or "images" (whole images, detection).
-    depends_on: stages whose frozen checkpoints this one consumes.
+    depends_on: stages whose frozen checkpoints this one consumes (listed by `make stages`).
+    dependencies: dependencies(cfg, find) -> {stage: checkpoint path or None}: which of
+        them this config needs, from which experiment, and which are optional. The
+        runner calls it (find searches finished runs) and puts the paths in
+        run.checkpoints before building the module, which only reads them.
     method: the row name in the results table (None: not a benchmarked method).
     table_order: where its row goes in the results table (baselines first, then the
-        pipeline in order; rows a stage adds through extra["bench_rows"] come last).
+        pipeline in order; the bench's Ours rows come last).
     """
 
     name: str
@@ -34,6 +39,7 @@ class StageSpec:
     model_schema: type
     data: str = "crops"
     depends_on: tuple[str, ...] = ()
+    dependencies: Callable | None = None
     method: str | None = None
     table_order: int = 100
     help: str = ""

@@ -20,8 +20,8 @@ extent must stay on the amodal box. Validation logs val/miou (this stage's coars
 mask), val/miou_recon_render (recon's own rendering, for comparison) and the
 label-free monitor val/visible_iou.
 
-For other stages: `load_shape_prior(cfg)` returns the frozen ShapePrior of the
-latest render checkpoint; `ShapePrior.coarse_mask(batch)` is the coarse mask.
+For other stages: `shape_prior_from_checkpoint(path)` returns the frozen ShapePrior
+of a render checkpoint; `ShapePrior.coarse_mask(batch)` is the coarse mask.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from amodal3d.categories import CATEGORIES
-from amodal3d.runs import find_stage_checkpoint
-from datamodules.protocols import monitor_unknown, unknown_pixels
-from lightning_modules.common import AmodalStage, as_config
-from lightning_modules.registry import StageSpec
-from lightning_modules.viewpoint import (
+from amodal3d.protocols import monitor_unknown, unknown_pixels
+from amodal3d.lightning_modules.checkpoints import dependency, optional_dependency
+from amodal3d.lightning_modules.common import AmodalStage, as_config
+from amodal3d.lightning_modules.registry import StageSpec
+from amodal3d.lightning_modules.viewpoint import (
     ViewpointNet,
     ViewpointStage,
     check_crop_geometry,
@@ -51,9 +51,9 @@ from lightning_modules.viewpoint import (
     read_viewpoint_checkpoint,
     recon_net_from_spec,
 )
-from models.mesh_renderer import fit_placement, make_silhouette_renderer, project
-from models.placement import FIT_MODES, PlacementHead, adjust_box, box_placement, placed_cameras, placed_extent
-from models.recon_losses import resize_mask, silhouette_loss, visible_iou
+from amodal3d.models.mesh_renderer import fit_placement, make_silhouette_renderer, project
+from amodal3d.models.placement import FIT_MODES, PlacementHead, adjust_box, box_placement, placed_cameras, placed_extent
+from amodal3d.models.recon_losses import resize_mask, silhouette_loss, visible_iou
 
 CAMERA_SOURCES = ("auto", "recon", "viewpoint")
 
@@ -209,19 +209,17 @@ def _check_model(m: DictConfig) -> None:
 
 
 def resolve_prior(cfg: DictConfig) -> tuple[dict, dict[str, dict]]:
-    """Find the checkpoints a fresh render stage builds on and pick the camera source.
+    """Load the checkpoints a fresh render stage builds on (run.checkpoints) and pick the camera source.
 
     Returns (deps for the hyperparameters, state dicts {"recon": ..., "viewpoint": ...})."""
     m = cfg.model
-    ckpts = cfg.run.checkpoints
-    recon_ckpt = find_stage_checkpoint("recon", cfg.experiment, cfg.run.root, ckpts.get("recon"))
+    recon_ckpt = dependency(cfg, "recon", "render")
     vp_ckpt, vp_info = None, None
+    if m.camera_source == "viewpoint":
+        vp_ckpt = dependency(cfg, "viewpoint", "render")
+    elif m.camera_source == "auto":
+        vp_ckpt = optional_dependency(cfg, "viewpoint", "render")
     if m.camera_source in ("auto", "viewpoint"):
-        try:
-            vp_ckpt = find_stage_checkpoint("viewpoint", cfg.experiment, cfg.run.root, ckpts.get("viewpoint"))
-        except FileNotFoundError:
-            if m.camera_source == "viewpoint":
-                raise
         vp_info = read_viewpoint_checkpoint(vp_ckpt) if vp_ckpt is not None else None
     source, reason = choose_camera_source(str(m.camera_source), recon_ckpt, vp_info)
     states: dict[str, dict] = {}
@@ -269,7 +267,7 @@ class RenderStage(AmodalStage):
                 self.prior.viewpoint.load_state_dict(states["viewpoint"])
         self.save_hyperparameters({"deps": deps})
         self.deps = deps
-        from metrics.amodal_iou import AmodalMIoU
+        from amodal3d.metrics.amodal_iou import AmodalMIoU
 
         self.val_base = AmodalMIoU(num_categories=len(CATEGORIES))
         self.test_base = AmodalMIoU(num_categories=len(CATEGORIES))
@@ -311,7 +309,7 @@ class RenderStage(AmodalStage):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, batch: dict, metric, base, vis) -> None:
-        from datamodules.crops import paste_crop_to_image
+        from amodal3d.datamodules.crops import paste_crop_to_image
 
         self.evaluate_batch(batch, metric)
         vis.update(visible_iou(self._last["sil"], batch["visible"], monitor_unknown(batch)))
@@ -351,7 +349,7 @@ class RenderStage(AmodalStage):
         self._epoch_end("test", self.test_base, self.test_visible_iou)
 
     def configure_callbacks(self):
-        from callbacks.tensorboard_images import TensorBoardImages
+        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
 
         return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs),
                                   mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))]
@@ -366,13 +364,13 @@ def shape_prior_from_checkpoint(checkpoint: str | Path, map_location: str | torc
     return freeze_(stage.prior)
 
 
-def load_shape_prior(cfg, map_location: str | torch.device = "cpu") -> ShapePrior:
-    """The frozen ShapePrior of the render stage of cfg's experiment: run.checkpoints.render
-    if set, else the best checkpoint of the latest render run (a clear error naming
-    `make train STAGE=render` when there is none)."""
-    cfg = as_config(cfg)
-    ckpt = find_stage_checkpoint("render", cfg.experiment, cfg.run.root, cfg.run.checkpoints.get("render"))
-    return shape_prior_from_checkpoint(ckpt, map_location)
+def render_dependencies(cfg: DictConfig, find) -> dict:
+    """recon always; viewpoint when the camera may come from it (optional under auto)."""
+    deps = {"recon": find("recon", str(cfg.experiment))}
+    source = str(cfg.model.camera_source)
+    if source in ("auto", "viewpoint"):
+        deps["viewpoint"] = find("viewpoint", str(cfg.experiment), required=source == "viewpoint")
+    return deps
 
 
 STAGE = StageSpec(
@@ -381,6 +379,7 @@ STAGE = StageSpec(
     model_schema=RenderModelConfig,
     data="crops",
     depends_on=("recon", "viewpoint"),
+    dependencies=render_dependencies,
     method="render",
     table_order=30,
     help="coarse amodal mask: recon mesh under the better camera (viewpoint optional, model.camera_source),"

@@ -44,16 +44,18 @@ from torch import nn
 from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from amodal3d.categories import CATEGORIES
-from amodal3d.runs import find_stage_checkpoint
-from datamodules.protocols import LEGACY_PROTOCOL, gives_amodal_box, monitor_unknown, protocol_of
-from lightning_modules.common import AmodalStage, as_config
-from lightning_modules.recon import ReconModelConfig, ReconNet, camera_errors, load_recon
-from lightning_modules.registry import StageSpec
-from models.camera_head import CameraHead
-from models.encoder import CropEncoder, crop_channels
-from models.mesh_renderer import centred_box_ndc, fit_placement, mask_boxes
-from models.occlusion_synth import OccluderParams, synth_occluders
-from models.recon_losses import camera_loss, sample_cameras, visible_iou
+from amodal3d.protocols import LEGACY_PROTOCOL, gives_amodal_box, monitor_unknown, protocol_of
+from amodal3d.lightning_modules.checkpoints import checkpoint_hparams, dependency, read_checkpoint
+from amodal3d.lightning_modules.common import AmodalStage, as_config
+from amodal3d.lightning_modules.recon import ReconModelConfig, load_recon
+from amodal3d.lightning_modules.registry import StageSpec
+from amodal3d.metrics.camera import camera_errors
+from amodal3d.models.camera_head import CameraHead
+from amodal3d.models.encoder import CropEncoder, crop_channels
+from amodal3d.models.mesh_renderer import centred_box_ndc, fit_placement, mask_boxes
+from amodal3d.models.occlusion_synth import OccluderParams, synth_occluders
+from amodal3d.models.recon_losses import camera_loss, sample_cameras, visible_iou
+from amodal3d.models.recon_net import ReconNet
 
 
 @dataclass
@@ -88,8 +90,7 @@ def load_recon_dependency(checkpoint: str | Path) -> tuple[ReconNet, dict]:
     """The frozen ReconNet of a recon checkpoint and the spec that rebuilds it."""
     checkpoint = Path(checkpoint)
     net = load_recon(str(checkpoint))
-    hp = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
-    cfg = hp.get("cfg") or {}
+    cfg = checkpoint_hparams(checkpoint).get("cfg") or {}
     if cfg.get("stage") != "recon" or "model" not in cfg:
         raise ValueError(f"{checkpoint}: not a checkpoint of stage 'recon' (hyper_parameters.cfg.stage="
                          f"{cfg.get('stage')!r}); point run.checkpoints.recon at a recon run's .ckpt")
@@ -241,7 +242,7 @@ def synthesise(
         occluded = occluded * (~whole).float()[:, None, None, None]
     visible = amodal * (1.0 - occluded)
     if visible_margin is not None:
-        from datamodules.crops import crop_to_box, square_crop_box
+        from amodal3d.datamodules.crops import crop_to_box, square_crop_box
 
         frame = square_crop_box(mask_boxes(visible), float(visible_margin))
         stacked = crop_to_box(torch.cat([amodal, visible, occluded], 1), frame, s)
@@ -268,8 +269,7 @@ class ViewpointStage(AmodalStage):
         self.m = m
         fresh = deps is None
         if fresh:
-            ckpt = find_stage_checkpoint("recon", cfg.experiment, cfg.run.root, cfg.run.checkpoints.get("recon"))
-            recon, recon_spec = load_recon_dependency(ckpt)
+            recon, recon_spec = load_recon_dependency(dependency(cfg, "recon", "viewpoint"))
             deps = {"recon": recon_spec}
         else:
             recon = recon_net_from_spec(deps["recon"])
@@ -421,7 +421,7 @@ class ViewpointStage(AmodalStage):
         self.camera_summary = dict(checkpoint.get("camera_errors") or {})
 
     def configure_callbacks(self):
-        from callbacks.tensorboard_images import TensorBoardImages
+        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
 
         return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs),
                                   mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))]
@@ -430,7 +430,7 @@ class ViewpointStage(AmodalStage):
 def read_viewpoint_checkpoint(checkpoint: str | Path) -> dict:
     """What the render stage needs to know about a viewpoint checkpoint without building
     it: {"checkpoint", "recon_checkpoint", "camera_errors"}."""
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    ck = read_checkpoint(checkpoint)
     deps = (ck.get("hyper_parameters") or {}).get("deps") or {}
     if "recon" not in deps:
         raise ValueError(f"{checkpoint}: not a checkpoint of stage 'viewpoint' (no hyper_parameters.deps.recon)")
@@ -447,6 +447,7 @@ STAGE = StageSpec(
     model_schema=ViewpointModelConfig,
     data="crops",
     depends_on=("recon",),
+    dependencies=lambda cfg, find: {"recon": find("recon", str(cfg.experiment))},
     method=None,
     help="occlusion-robust camera estimator trained on self-generated renders of recon's meshes",
 )

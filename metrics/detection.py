@@ -16,7 +16,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from metrics.amodal_iou import AmodalMIoU
+from amodal3d.metrics.amodal_iou import AmodalMIoU
 
 
 def _flat(masks: torch.Tensor, name: str) -> torch.Tensor:

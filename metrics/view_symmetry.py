@@ -4,7 +4,7 @@ A camera-free method can only tell azimuths apart as far as the images differ:
 where two of an object's views are the same picture (every view of a synth13
 table and its view half-way round; most views of a turned lamp), no method can
 know which of them it is looking at. recon's symmetry-aware azimuth error
-(lightning_modules.recon.camera_errors) therefore takes the error to the
+(metrics.camera.camera_errors) therefore takes the error to the
 nearest azimuth that shows the same picture as the true one, as pose
 benchmarks do for the symmetries of their objects. Evaluation only.
 """

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from pytorch3d.structures import Meshes
 from torch import nn
 
-from models.mesh_renderer import make_cameras
-from models.precision import float32_geometry
+from amodal3d.models.mesh_renderer import make_cameras
+from amodal3d.models.precision import float32_geometry
 
 
 class ColourTemplates(nn.Module):

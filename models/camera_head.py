@@ -7,7 +7,7 @@ renders). Azimuth:
   * a camera multiplex (K > 1): hypothesis k covers the sector 360k/K +- 180/K
     (a tanh-bounded residual), so together they always cover the circle, plus a
     score per hypothesis. Training picks the hypothesis whose render explains the
-    visible mask best (analysis by synthesis, lightning_modules/recon.py), which
+    visible mask best (analysis by synthesis, models/recon_net.py), which
     avoids the azimuth local minima (front/back flips) a single regressed camera
     falls into, and teaches the score to rank it first; `camera` is the
     top-scoring hypothesis (a prediction that needs no rendering).

@@ -37,7 +37,7 @@ from pytorch3d.renderer import (
 from pytorch3d.structures import Meshes
 from torch import nn
 
-from models.precision import float32_geometry
+from amodal3d.models.precision import float32_geometry
 
 NMR_FOV = 30.0
 ZNEAR = 0.1
@@ -195,7 +195,7 @@ def make_silhouette_renderer(
         return Pytorch3DSoftSilhouette(image_size, sigma=sigma, faces_per_pixel=faces_per_pixel)
     if backend not in ("auto", "fast"):
         raise ValueError(f"renderer backend {backend!r}: expected sparse, auto, fast or pytorch3d")
-    from models.soft_silhouette import SoftSilhouetteRenderer
+    from amodal3d.models.soft_silhouette import SoftSilhouetteRenderer
 
     return SoftSilhouetteRenderer(image_size, sigma=sigma, faces_per_pixel=faces_per_pixel, backend=backend)
 

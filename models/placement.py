@@ -18,7 +18,7 @@ import torch
 from pytorch3d.renderer import FoVPerspectiveCameras
 from torch import nn
 
-from models.mesh_renderer import NMR_FOV, ZFAR, ZNEAR, project, projection_matrix, view_transform
+from amodal3d.models.mesh_renderer import NMR_FOV, ZFAR, ZNEAR, project, projection_matrix, view_transform
 
 FIT_MODES = ("axes", "uniform")
 

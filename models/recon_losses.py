@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from pytorch3d.structures import Meshes
 
-from models.precision import float32_geometry
+from amodal3d.models.precision import float32_geometry
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.unet import UNet
+from amodal3d.models.unet import UNet
 
 IN_CHANNELS = 7  # rgb 3, visible, occluded, coarse, coarse edges
 GATES = ("occluded", "outside_visible")

@@ -17,7 +17,7 @@ from amodal3d.config import load_config
 
 def fake_objects(data_cfg, category: str, split: str):
     """ObjectRenders of ellipses whose width changes with the view."""
-    from datamodules.sources.base import ObjectRenders, nmr_cameras
+    from amodal3d.datamodules.sources.base import ObjectRenders, nmr_cameras
 
     n, v, s = int(data_cfg.objects_per_split[split]), int(data_cfg.views), int(data_cfg.render_size)
     rng = np.random.default_rng(zlib.crc32(f"{category}/{split}".encode()))
@@ -38,7 +38,7 @@ def blob_objects(category: str, split: str, n: int, views: int, size: int, rng_k
                  radius: tuple[float, float] = (0.12, 0.4), shift: float = 3.0):
     """ObjectRenders of n objects x views: ellipses and rectangles (alternating) of random
     half-sizes radius x size around the centre +- shift pixels, one random colour each."""
-    from datamodules.sources.base import ObjectRenders, nmr_cameras
+    from amodal3d.datamodules.sources.base import ObjectRenders, nmr_cameras
 
     rng = np.random.default_rng(rng_key)
     rgba = np.zeros((n, views, size, size, 4), np.uint8)
@@ -67,7 +67,7 @@ def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def build_fake_dataset(tmp_path: Path) -> None:
-    from datamodules.build import build_dataset
+    from amodal3d.datamodules.build import build_dataset
 
     cfg = load_config(None, debug="tiny", overrides=tiny_overrides(tmp_path))
     build_dataset(cfg.data, progress=False, load_objects=fake_objects)

@@ -13,10 +13,10 @@ from pytorch3d.utils import ico_sphere
 
 from fakes import LabelGuard
 from test_recon import _cfg, synthetic_batch
-from datamodules.sources.render import render_objects
-from lightning_modules.recon import ReconStage
-from models.appearance import ColourTemplates, colour_error, sample_at, visible_vertices
-from models.mesh_decoder import SymmetricMeshDecoder
+from amodal3d.datamodules.sources.render import render_objects
+from amodal3d.lightning_modules.recon import ReconStage
+from amodal3d.models.appearance import ColourTemplates, colour_error, sample_at, visible_vertices
+from amodal3d.models.mesh_decoder import SymmetricMeshDecoder
 
 S = 64
 BODY = (0.9, 0.6, 0.2)

@@ -75,6 +75,7 @@ def _fake_run(root: Path, stage: str, run_id: str) -> Path:
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(OmegaConf.to_yaml({"stage": stage}))
     (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+    (run / "summary.json").write_text("{}")  # a finished run
     return run
 
 
@@ -82,7 +83,7 @@ def test_discovery_lists_untrained_methods_and_picks_the_latest_run(tmp_path):
     found = discover_methods("default", str(tmp_path))
     entries = {e.stage: e for e in found}
     assert entries["pcnet_m"].status == "not trained" and entries["pcnet_m"].name == "Deocclusion"
-    by_name = {e.name: e for e in found}  # rows a stage adds through StageSpec.extra["bench_rows"]
+    by_name = {e.name: e for e in found}  # the Ours rows the bench adds (amodal3d.bench.ours)
     assert by_name["Ours"].status == "not trained" and by_name["2D-only (no 3D prior)"].status == "not trained"
     order = [e.name for e in found]  # baselines, then the pipeline in order, then the added rows
     assert order.index("Deocclusion") < order.index("recon-render") < order.index("2D-only (no 3D prior)") \
@@ -93,6 +94,9 @@ def test_discovery_lists_untrained_methods_and_picks_the_latest_run(tmp_path):
     import os
 
     os.utime(old, (time.time() - 100, time.time() - 100))
+    training = _fake_run(tmp_path, "pcnet_m", "20240103-000000")
+    (training / "summary.json").unlink()  # still training: the bench never scores it
+    os.utime(training, (time.time() + 100, time.time() + 100))
     entries = {e.stage: e for e in discover_methods("default", str(tmp_path))}
     assert entries["pcnet_m"].status == "ok"
     assert entries["pcnet_m"].checkpoint == new / "checkpoints" / "best.ckpt"
@@ -126,7 +130,7 @@ def trained(tmp_path_factory):
 def _test_arrays(cfg):
     """(visible, amodal, occluder (H,W) bool stacks, amodal boxes, categories) of the test
     instances, read from the shards without the crop pipeline."""
-    from datamodules.shards import SplitReader
+    from amodal3d.datamodules.shard_reader import SplitReader
 
     r = SplitReader(cfg.data.root, "test")
     masks = [r.instance_masks(i) for i in range(r.num_instances)]
@@ -267,7 +271,7 @@ def test_cli_hands_bench_its_own_help(capsys):
 def test_hardest_cases_are_the_lowest_iou_instances_per_category(trained):
     from amodal3d.bench.evaluate import eval_loader, floor_module
     from amodal3d.bench.hardest import hardest_instances, hardest_sheet
-    from datamodules.crops import CropDataset
+    from amodal3d.datamodules.crops import CropDataset
 
     tmp, cfg, summary, args = trained
     cases = hardest_instances(floor_module(cfg, torch.device("cpu")), eval_loader(cfg), torch.device("cpu"), 2)
@@ -288,7 +292,7 @@ def test_hardest_cases_are_the_lowest_iou_instances_per_category(trained):
 
 
 def test_opposite_view_similarity_tells_a_turn_invariant_object_from_one_with_a_front():
-    from metrics.view_symmetry import opposite_view_similarity
+    from amodal3d.metrics.view_symmetry import opposite_view_similarity
 
     v, s = 4, 16
     rgba = np.zeros((2, v, s, s, 4), np.uint8)
@@ -307,9 +311,9 @@ def test_opposite_view_similarity_tells_a_turn_invariant_object_from_one_with_a_
 def test_same_picture_pairs_a_table_view_with_its_opposite_and_no_chair_view():
     """The symmetry-aware azimuth error forgives exactly the views no method can tell
     apart: a synth13 table's view and the view half-way round, none of a chair's."""
-    from datamodules.sources.base import nmr_cameras
-    from datamodules.sources.synth13 import render_synth_objects, synth_object
-    from metrics.view_symmetry import same_picture
+    from amodal3d.datamodules.sources.base import nmr_cameras
+    from amodal3d.datamodules.sources.synth13 import render_synth_objects, synth_object
+    from amodal3d.metrics.view_symmetry import same_picture
 
     objs = [synth_object("table", "test", 0, 0), synth_object("chair", "test", 0, 0)]
     same = same_picture(render_synth_objects(objs, nmr_cameras(24), 64))

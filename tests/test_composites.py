@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from amodal3d.categories import category_index
-from datamodules.composites import (
+from amodal3d.datamodules.composites import (
     BACKGROUNDS, CompositeParams, ObjectPool, erase, mask_box, paste, resize_rgba,
 )
-from datamodules.sources.base import ObjectRenders
+from amodal3d.datamodules.sources.base import ObjectRenders
 from fakes import blob_objects
 
 

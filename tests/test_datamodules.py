@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fakes import blob_objects
 from amodal3d.categories import category_index
 from amodal3d.config import DataConfig, LoaderConfig
-from datamodules.build import build_dataset
-from datamodules.crops import (
+from amodal3d.datamodules.build import build_dataset
+from amodal3d.datamodules.crops import (
     CropDataModule, CropDataset, collate_views, crop_to_box, paste_crop_to_image, square_crop_box,
 )
-from datamodules.images import DetectionDataModule, ImageDataset
+from amodal3d.datamodules.images import DetectionDataModule, ImageDataset
 
 #: gt-box items (training and validation); gt-visible ones lack amodal_box, and its test items unknown
 CONTRACT = {
@@ -85,8 +85,8 @@ def test_item_contract_and_crop_geometry(erase_cfg):
 
 
 def test_gt_visible_items_place_crops_on_the_visible_box_and_hide_the_answer(erase_cfg):
-    from datamodules.composites import mask_box
-    from datamodules.crops import protocol_crop_boxes
+    from amodal3d.datamodules.composites import mask_box
+    from amodal3d.datamodules.crops import protocol_crop_boxes
 
     val = CropDataset(erase_cfg.root, "val", crop_size=48, visible_crop_margin=2.0, protocol="gt-visible")
     test = CropDataset(erase_cfg.root, "test", crop_size=48, visible_crop_margin=2.0, protocol="gt-visible")
@@ -223,7 +223,7 @@ def test_collate_packs_one_buffer_and_matches_default_collate(erase_cfg):
 
     from torch.utils.data import default_collate
 
-    from datamodules.crops import collate_crops
+    from amodal3d.datamodules.crops import collate_crops
 
     ds = CropDataset(erase_cfg.root, "test")
     items = [ds[i] for i in range(5)]
@@ -242,7 +242,7 @@ def test_collate_packs_one_buffer_and_matches_default_collate(erase_cfg):
 def test_split_datamodule_needs_its_dataset_and_loader_makers():
     """A DataModule that forgets make_dataset/make_loader fails when built, not with a
     None dataset at the first batch."""
-    from datamodules.split_datamodule import SplitDataModule
+    from amodal3d.datamodules.split_datamodule import SplitDataModule
 
     class Half(SplitDataModule):
         def make_dataset(self, split):

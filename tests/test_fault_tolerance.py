@@ -17,9 +17,9 @@ import torch
 
 from amodal3d.config import load_config
 from amodal3d.train import train
-from callbacks.guards import NonFiniteLossError
+from amodal3d.callbacks.guards import NonFiniteLossError
 from fakes import build_fake_dataset, tiny_overrides
-from lightning_modules.baselines.pcnet_m import PCNetMModule
+from amodal3d.lightning_modules.baselines.pcnet_m import PCNetMModule
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ("model.base_channels=4", "model.depth=2", "trainer.limit_val_batches=2", "optim.scheduler=none", "loader.batch_size=4")
@@ -164,7 +164,7 @@ def test_two_process_ddp_validation_equals_single_process(data_dir: Path, tmp_pa
     import lightning as L
 
     from amodal3d.train import build_datamodule
-    from lightning_modules.registry import get_stage
+    from amodal3d.lightning_modules.registry import get_stage
 
     cfg = _cfg(data_dir, tmp_path, "trainer.limit_val_batches=1.0", "loader.batch_size=4")
     module = PCNetMModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")

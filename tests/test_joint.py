@@ -15,21 +15,24 @@ import torch
 
 from amodal3d.config import load_config
 from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset
-from lightning_modules.joint import JointStage
-from lightning_modules.refine import ReconShapePrior, RefineStage, load_stage_module, ours_checkpoint
+from amodal3d.lightning_modules.joint import JointStage
+from amodal3d.bench.ours import load_stage_module, ours_checkpoint
+from amodal3d.dependencies import resolve_checkpoints
+from amodal3d.lightning_modules.refine import ReconShapePrior, RefineStage
 from test_refine import RECON_SMALL, SMALL, data_ov, write_run
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny fake dataset, a recon checkpoint and a refine checkpoint built on it (untrained)."""
-    from lightning_modules.recon import ReconStage
+    from amodal3d.lightning_modules.recon import ReconStage
 
     tmp = tmp_path_factory.mktemp("joint")
     build_fake_dataset(tmp)
     torch.manual_seed(0)
     write_run(ReconStage(load_config("recon", overrides=data_ov(tmp) + RECON_SMALL)), tmp / "runs", "recon")
-    refine = RefineStage(load_config("refine", overrides=data_ov(tmp) + SMALL))
+    refine_cfg = load_config("refine", overrides=data_ov(tmp) + [f"run.root={tmp / 'runs'}", *SMALL])
+    refine = RefineStage(resolve_checkpoints(refine_cfg))
     with torch.no_grad():
         for p in refine.net.parameters():
             p.add_(0.01)  # distinguishable from a fresh init
@@ -38,12 +41,13 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(tmp: Path, runs: Path | None = None, *extra: str):
+    """joint's config with its dependencies resolved, as the runner does."""
     ov = data_ov(tmp) + [f"run.root={runs or tmp / 'runs'}", "loader.batch_size=8", *extra]
-    return load_config("joint", overrides=ov)
+    return resolve_checkpoints(load_config("joint", overrides=ov))
 
 
 def _batch(tmp: Path, n: int = 4) -> dict:
-    from datamodules.crops import CropDataset, collate_crops
+    from amodal3d.datamodules.crops import CropDataset, collate_crops
 
     ds = CropDataset(tmp / "data", "train", crop_size=64)
     return collate_crops([ds[i] for i in range(n)])
@@ -67,7 +71,7 @@ def test_a_seeded_experiment_starts_from_its_own_refine(tiny, tmp_path):
     """seed k shares the default 3D chain (prior_experiment) but joint starts from seed k's refine."""
     runs = tmp_path / "runs"
     shutil.copytree(tiny / "runs", runs)
-    own = RefineStage(load_config("refine", overrides=data_ov(tiny) + SMALL))
+    own = RefineStage(resolve_checkpoints(load_config("refine", overrides=data_ov(tiny) + [f"run.root={runs}", *SMALL])))
     with torch.no_grad():
         for p in own.net.parameters():
             p.sub_(0.02)

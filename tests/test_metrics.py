@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from metrics.amodal_iou import AmodalMIoU, amodal_iou_stats, instance_iou, summarize
-from metrics.detection import (
+from amodal3d.metrics.amodal_iou import AmodalMIoU, amodal_iou_stats, instance_iou, summarize
+from amodal3d.metrics.detection import (
     AmodalMaskAP,
     DetectionAmodalMIoU,
     coco_amodal_ap,

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from amodal3d.config import ConfigError, load_config
 from fakes import LabelGuard, fake_objects, tiny_overrides
-from lightning_modules.baselines.pcnet_m import STAGE, PCNetMModule
-from lightning_modules.registry import get_stage
-from models.unet import UNet
+from amodal3d.lightning_modules.baselines.pcnet_m import STAGE, PCNetMModule
+from amodal3d.lightning_modules.registry import get_stage
+from amodal3d.models.unet import UNet
 
 
 # ---------------------------------------------------------------- shared tiny dataset helpers
@@ -27,7 +27,7 @@ def tiny_config(tmp_path: Path, *extra: str, stage: str = "pcnet_m", debug: str 
 
 def build_fake_dataset(cfg) -> dict:
     """Build cfg.data with the stand-in source; ensure_dataset later finds it built."""
-    from datamodules.build import build_dataset
+    from amodal3d.datamodules.build import build_dataset
 
     return build_dataset(cfg.data, progress=False, load_objects=fake_objects)
 
@@ -209,7 +209,7 @@ def test_self_supervised_training_beats_the_visible_floor():
 def test_short_run_checkpoint_reloads_for_the_bench(tmp_path):
     """`make train STAGE=pcnet_m` path on a tiny built dataset: checkpoint, reload, same outputs."""
     from amodal3d.train import train
-    from datamodules.crops import CropDataModule
+    from amodal3d.datamodules.crops import CropDataModule
 
     cfg = tiny_config(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                       "trainer.enable_progress_bar=false")

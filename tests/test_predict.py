@@ -15,10 +15,15 @@ from pycocotools import mask as mask_utils
 
 from amodal3d.cli import main
 from amodal3d.config import load_config
-from amodal3d.predict import make_crops, occluder_masks, predict_files, predict_throughput
+from amodal3d.dependencies import resolve_checkpoints
+from amodal3d.predict.crops import make_crops, occluder_masks
+from amodal3d.predict.outputs import boxes_xywh
+from amodal3d.predict.overlay import _PALETTE, mask_outline, overlay_image
+from amodal3d.predict.run import predict_files
+from amodal3d.predict.throughput import predict_throughput
 from fakes import build_fake_dataset
-from lightning_modules.refine import RefineStage
-from lightning_modules.refine_2d import Refine2DStage
+from amodal3d.lightning_modules.refine import RefineStage
+from amodal3d.lightning_modules.refine_2d import Refine2DStage
 from test_refine import RECON_SMALL, SMALL, data_ov, write_run
 
 H, W = 48, 64
@@ -37,14 +42,14 @@ def _png(path: Path, arr: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Runs with a recon and a refine checkpoint (Ours), a refine_2d checkpoint, and inputs."""
-    from lightning_modules.recon import ReconStage
+    from amodal3d.lightning_modules.recon import ReconStage
 
     tmp = tmp_path_factory.mktemp("predict")
     build_fake_dataset(tmp)
     torch.manual_seed(0)
     runs = tmp / "runs"
     write_run(ReconStage(load_config("recon", overrides=data_ov(tmp) + RECON_SMALL)), runs, "recon")
-    write_run(RefineStage(load_config("refine", overrides=data_ov(tmp) + SMALL)), runs, "refine")
+    write_run(RefineStage(resolve_checkpoints(load_config("refine", overrides=data_ov(tmp) + SMALL))), runs, "refine")
     ckpt_2d = write_run(Refine2DStage(load_config("refine_2d", overrides=data_ov(tmp) + SMALL)), runs, "refine_2d")
 
     rng = np.random.default_rng(0)
@@ -130,7 +135,7 @@ def test_coco_input_with_a_given_checkpoint(setup, tmp_path):
 
 
 def test_crops_are_the_datamodules():
-    from datamodules.crops import _CropSampler, crop_arrays, square_crop_box
+    from amodal3d.datamodules.crops import _CropSampler, crop_arrays, square_crop_box
 
     rng = np.random.default_rng(1)
     img = (rng.random((H, W, 3)) * 255).astype(np.uint8)
@@ -144,6 +149,29 @@ def test_crops_are_the_datamodules():
         rgb, (v, o) = crop_arrays(img, [vis[i], occ[i]], square_crop_box(boxes[i], 1.15), sampler)
         assert np.allclose(crops["rgb"][i].numpy(), rgb, atol=1e-5)
         assert np.array_equal(crops["visible"][i].numpy(), v) and np.array_equal(crops["occluded"][i].numpy(), o)
+
+
+def test_coco_boxes_are_those_of_the_masks():
+    masks = np.stack([_disc(24, 22, 12), np.zeros((H, W), bool), np.zeros((H, W), bool)])
+    masks[1, 5:9, 10:20] = True
+    masks[2, H - 3:, :4] = True  # the bottom-left corner: touches two borders
+    for m, box in zip(masks, boxes_xywh(masks)):
+        ys, xs = np.nonzero(m)
+        assert box == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+def test_overlay_tints_hatches_and_outlines_only_the_masks():
+    img = (np.random.default_rng(2).random((H, W, 3)) * 255).astype(np.uint8)
+    amodal = [_disc(24, 22, 12), _disc(26, 40, 10)]
+    visible = [amodal[0] & ~amodal[1], amodal[1]]
+    ov = overlay_image(img, visible, amodal, min_side=W)  # no enlargement
+    c0 = np.array(_PALETTE[0])
+    outside = ~(amodal[0] | amodal[1])
+    assert np.array_equal(ov[outside], img[outside])
+    inner = visible[0] & ~mask_outline(amodal[0])
+    assert np.abs(ov[inner].astype(float) - (0.55 * img[inner] + 0.45 * c0)).max() <= 1
+    assert (ov[mask_outline(amodal[0]) & ~amodal[1]] == c0).all()  # the car is drawn over the chair
+    assert (ov[mask_outline(amodal[1])] == _PALETTE[1]).all()
 
 
 def test_throughput_helper_on_a_built_dataset(setup):

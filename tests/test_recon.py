@@ -14,17 +14,13 @@ from PIL import Image
 
 from fakes import GT_VISIBLE_TEST_HIDDEN, GT_VISIBLE_TRAIN_HIDDEN, LabelGuard
 from amodal3d.config import load_config
-from lightning_modules.recon import (
-    ReconNet,
-    ReconStage,
-    TrueMeshes,
-    camera_errors,
-    load_recon,
-    view_frame_chamfer,
-)
-from models.camera_head import CameraHead
-from models.mesh_decoder import SymmetricMeshDecoder
-from models.mesh_renderer import (
+from amodal3d.datamodules.true_meshes import TrueMeshes
+from amodal3d.lightning_modules.recon import ReconStage, load_recon
+from amodal3d.metrics.camera import camera_errors
+from amodal3d.metrics.chamfer import view_frame_chamfer
+from amodal3d.models.camera_head import CameraHead
+from amodal3d.models.mesh_decoder import SymmetricMeshDecoder
+from amodal3d.models.mesh_renderer import (
     CropRenderer,
     box_in_crop,
     fit_placement,
@@ -32,13 +28,14 @@ from models.mesh_renderer import (
     pixel_box_to_ndc,
     project,
 )
-from models.recon_losses import (
+from amodal3d.models.recon_losses import (
     azimuth_difference,
     azimuth_uniformity,
     masked_iou_loss,
     view_pairs,
     visible_iou,
 )
+from amodal3d.models.recon_net import ReconNet
 
 S = 64
 
@@ -342,7 +339,7 @@ def test_gt_visible_prediction_reads_only_the_protocols_inputs():
     """Under gt-visible the mesh is placed on a box predicted from the crop: at test
     time neither the amodal box nor the unknown pixels are read, and an untrained box
     head places it on the visible box."""
-    from models.mesh_renderer import mask_boxes, pixel_box_to_ndc
+    from amodal3d.models.mesh_renderer import mask_boxes, pixel_box_to_ndc
 
     stage = ReconStage(_cfg(overrides=["model.camera_hypotheses=2"], protocol="gt-visible")).eval()
     batch = LabelGuard(synthetic_batch(objects=1, views=2), hidden=GT_VISIBLE_TEST_HIDDEN)
@@ -382,7 +379,7 @@ def test_predict_amodal_is_a_crop_frame_silhouette():
 def test_stage_config_monitors_a_label_free_metric():
     cfg = load_config("recon")
     assert cfg.run.monitor == "val/visible_iou" and cfg.run.monitor_mode == "max"
-    from lightning_modules.registry import get_stage
+    from amodal3d.lightning_modules.registry import get_stage
 
     spec = get_stage("recon")
     assert spec.method == "recon-render" and spec.module is ReconStage
@@ -390,7 +387,7 @@ def test_stage_config_monitors_a_label_free_metric():
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    from datamodules.build import ensure_dataset
+    from amodal3d.datamodules.build import ensure_dataset
 
     root = tmp_path_factory.mktemp("recon") / "data"
     cfg = load_config("recon", debug="tiny", overrides=[f"data.root={root}"])
@@ -493,7 +490,7 @@ def test_bf16_mixed_run_through_the_runner(tiny_root, tmp_path):
 def test_camera_errors_apply_offsets_fitted_on_another_split():
     """bench-recon fits the per-category azimuth offset on validation and applies it to
     test: the scored split must not choose its own offset."""
-    from lightning_modules.recon import camera_errors, camera_offsets
+    from amodal3d.metrics.camera import camera_errors, camera_offsets
 
     true = torch.tensor([0.0, 90.0, 180.0, 270.0])
     rows = torch.zeros(4, 8)

@@ -5,6 +5,8 @@ runs through the runner on a tiny dataset."""
 
 from __future__ import annotations
 
+import json
+
 import math
 import shutil
 from pathlib import Path
@@ -14,22 +16,21 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from amodal3d.config import load_config, save_config
-from lightning_modules.refine import (
-    OURS,
-    OURS_TRUE_CAMERA,
+from amodal3d.bench.ours import OURS, OURS_TRUE_CAMERA, ours_checkpoint, ours_rows
+from amodal3d.bench.true_camera import fit_camera_map
+from amodal3d.dependencies import resolve_checkpoints
+from amodal3d.lightning_modules.refine import (
     ReconShapePrior,
     RefineStage,
     RenderShapePrior,
-    bench_rows,
     build_prior,
-    fit_camera_map,
     map_true_camera,
-    ours_checkpoint,
 )
-from lightning_modules.refine_2d import Refine2DStage
-from models.refine_net import RefineNet, loss_regions, region_losses, soft_edges
+from amodal3d.lightning_modules.refine_2d import Refine2DStage
+from amodal3d.models.refine_net import RefineNet, loss_regions, region_losses, soft_edges
 from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset, tiny_overrides
 
 S = 32
@@ -96,6 +97,7 @@ def write_run(
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": L.__version__}, run / "checkpoints" / "best.ckpt")
     save_config(module.cfg, run / "config.yaml")
+    (run / "summary.json").write_text(json.dumps({"stage": stage, "run_id": run_id}))  # a finished run
     return run / "checkpoints" / "best.ckpt"
 
 
@@ -186,7 +188,7 @@ def test_training_step_reads_only_the_amodal_target_and_keeps_the_prior_frozen()
 
 
 def test_training_step_with_the_recon_prior_reads_no_other_hidden_label():
-    from lightning_modules.recon import ReconNet
+    from amodal3d.models.recon_net import ReconNet
 
     torch.manual_seed(0)
     rcfg = load_config("recon", overrides=RECON_SMALL + ["loader.crop_size=32"])
@@ -272,7 +274,7 @@ def test_refine_2d_mirrors_refine_without_the_prior():
     assert torch.equal(stage.coarse_mask(batch), torch.zeros_like(batch["visible"]))
     with pytest.raises(ValueError, match="model.prior must be 'none'"):
         Refine2DStage(refine_cfg("model.prior=recon", stage="refine_2d"))
-    from lightning_modules.registry import get_stage
+    from amodal3d.lightning_modules.registry import get_stage
 
     assert get_stage("refine_2d").method == "2D-only (no 3D prior)"
 
@@ -280,12 +282,14 @@ def test_refine_2d_mirrors_refine_without_the_prior():
 def test_a_missing_prior_names_the_command(tmp_path):
     cfg = refine_cfg(f"run.root={tmp_path / 'runs'}")
     with pytest.raises(FileNotFoundError, match="make train STAGE=recon"):
-        build_prior(cfg)
+        resolve_checkpoints(cfg)  # the runner
+    with pytest.raises(FileNotFoundError, match="needs a recon checkpoint.*run.checkpoints.recon"):
+        build_prior(cfg)  # a module given no checkpoint does not search runs/
     with pytest.raises(FileNotFoundError, match="make train STAGE=render"):
-        build_prior(refine_cfg(f"run.root={tmp_path / 'runs'}", "model.prior=render"))
+        resolve_checkpoints(refine_cfg(f"run.root={tmp_path / 'runs'}", "model.prior=render"))
     with pytest.raises(FileNotFoundError, match="make train STAGE=refine"):
         ours_checkpoint("default", str(tmp_path / "runs"))
-    rows = bench_rows("default", str(tmp_path / "runs"))
+    rows = ours_rows("default", str(tmp_path / "runs"))
     assert [r.name for r in rows] == [OURS, OURS_TRUE_CAMERA] and all(r.status == "not trained" for r in rows)
 
 
@@ -295,7 +299,7 @@ def test_a_missing_prior_names_the_command(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny fake dataset and a recon checkpoint (untrained) in a runs folder."""
-    from lightning_modules.recon import ReconStage
+    from amodal3d.lightning_modules.recon import ReconStage
 
     tmp = tmp_path_factory.mktemp("refine")
     build_fake_dataset(tmp)
@@ -319,6 +323,8 @@ def test_fast_dev_run_of_refine_and_refine_2d(tiny):
 
     summary = train_from_args("refine", None, _ov(tiny), None, debug="fdr")
     assert summary["global_step"] == 1 and math.isfinite(summary["metrics"]["train/loss"])
+    saved = OmegaConf.load(Path(summary["run_dir"]) / "config.yaml")  # the runner records what it resolved
+    assert saved.run.checkpoints.recon == str((tiny / "runs/default/recon/r1/checkpoints/best.ckpt").resolve())
     for key in ("val/miou", "val/miou_occ", "val/coarse_miou", "train/hidden", "train/band"):
         assert key in summary["metrics"] and math.isfinite(summary["metrics"][key]), key
     summary = train_from_args("refine_2d", None, _ov(tiny), None, debug="fdr")
@@ -327,7 +333,7 @@ def test_fast_dev_run_of_refine_and_refine_2d(tiny):
 
 def test_checkpoint_reloads_without_the_recon_run_and_feeds_the_bench_rows(tiny, tmp_path):
     from amodal3d.train import train_from_args
-    from datamodules.crops import CropDataset, collate_crops
+    from amodal3d.datamodules.crops import CropDataset, collate_crops
 
     runs = tmp_path / "runs"
     shutil.copytree(tiny / "runs", runs)
@@ -347,7 +353,7 @@ def test_checkpoint_reloads_without_the_recon_run_and_feeds_the_bench_rows(tiny,
         p2 = RefineStage.load_from_checkpoint(str(ckpt), map_location="cpu").eval().predict_amodal(batch)
     assert torch.equal(p1, p2) and bool(((p1 > 0.5) >= (batch["visible"] > 0.5)).all())
     # the bench rows: Ours is this refine run; the true-camera row calibrates on the val split
-    rows = {r.name: r for r in bench_rows("default", str(runs))}
+    rows = {r.name: r for r in ours_rows("default", str(runs))}
     assert rows[OURS].status == "ok" and rows[OURS].checkpoint == ckpt
     cfg = load_config(None, overrides=data_ov(tiny) + [f"run.root={runs}"])
     truecam = rows[OURS_TRUE_CAMERA].load(cfg, torch.device("cpu"))
@@ -362,14 +368,14 @@ def test_checkpoint_reloads_without_the_recon_run_and_feeds_the_bench_rows(tiny,
 
 
 def test_auto_prior_uses_the_render_checkpoint_and_reloads_from_its_spec(tiny, tmp_path):
-    from lightning_modules.render import RenderStage
+    from amodal3d.lightning_modules.render import RenderStage
 
     runs = tmp_path / "runs"
     shutil.copytree(tiny / "runs", runs)
-    render = RenderStage(load_config("render", overrides=data_ov(tiny) + [f"run.root={runs}",
-                                                                                   "model.camera_source=recon"]))
+    render = RenderStage(resolve_checkpoints(load_config("render", overrides=data_ov(tiny) + [
+        f"run.root={runs}", "model.camera_source=recon"])))
     write_run(render, runs, "render")
-    stage = RefineStage(load_config("refine", overrides=_ov(tiny, f"run.root={runs}")))
+    stage = RefineStage(resolve_checkpoints(load_config("refine", overrides=_ov(tiny, f"run.root={runs}"))))
     assert isinstance(stage.prior, RenderShapePrior) and stage.prior_source["kind"] == "render"
     assert set(stage.prior_stage_modules()) == {"recon", "render"}
     ckpt = write_run(stage, runs, "refine")

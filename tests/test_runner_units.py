@@ -64,17 +64,26 @@ def test_missing_dependency_checkpoint_names_the_command(tmp_path: Path):
         find_stage_checkpoint("recon", "e1", root=str(tmp_path))
 
 
-def test_latest_run_with_a_checkpoint_is_used(tmp_path: Path):
+def test_latest_finished_run_is_used_and_an_unfinished_one_never(tmp_path: Path):
+    """Only runs with summary.json (the runner writes it after fit returns) are dependencies."""
     import os
     import time
 
-    for i, name in enumerate(["a", "b", "c"]):
+    for i, name in enumerate(["a", "b", "c", "d"]):
         run = tmp_path / "default" / "recon" / name
         (run / "checkpoints").mkdir(parents=True)
         (run / "config.yaml").write_text("x: 1\n")
-        if name != "c":
+        if name != "c":  # c finished without a best checkpoint
             (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+        if name != "d":  # d is still training (its best.ckpt is there, its summary.json not yet)
+            (run / "summary.json").write_text("{}")
         t = time.time() - 100 + i
         os.utime(run, (t, t))
-    assert [p.name for p in list_runs(tmp_path, "default", "recon")] == ["a", "b", "c"]
+    assert [p.name for p in list_runs(tmp_path, "default", "recon")] == ["a", "b", "c", "d"]
     assert find_stage_checkpoint("recon", "default", root=str(tmp_path)).parent.parent.name == "b"
+    for name in ("a", "b"):
+        (tmp_path / "default" / "recon" / name / "summary.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"run\(s\) a, b, d have no summary.json"):
+        find_stage_checkpoint("recon", "default", root=str(tmp_path))
+
+

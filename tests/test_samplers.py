@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import SequentialSampler
 
-from datamodules.crops import EpochSeededSampler, make_sampler
+from amodal3d.datamodules.crops import EpochSeededSampler, make_sampler
 
 
 def test_shuffle_depends_only_on_seed_and_epoch():

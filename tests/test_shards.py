@@ -23,12 +23,12 @@ import pytest
 from fakes import blob_objects
 from amodal3d.categories import category_index
 from amodal3d.config import DataConfig
-from datamodules import shards as shards_mod
-from datamodules.build import BuildConfigError, build_dataset, ensure_dataset
-from datamodules.shards import (
-    MANIFEST, DatasetError, SchemaVersionError, ShardError, SplitReader, read_manifest, sha256_file,
-    validate_dataset,
-)
+from amodal3d import atomic
+from amodal3d.datamodules.build import BuildConfigError, build_dataset, ensure_dataset
+from amodal3d.datamodules.composites import mask_box, mask_boxes
+from amodal3d.datamodules.shard_format import MANIFEST, DatasetError, SchemaVersionError, ShardError, read_manifest, sha256_file
+from amodal3d.datamodules.shard_reader import SplitReader
+from amodal3d.datamodules.shard_validate import validate_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 CATS = ["chair", "car", "lamp"]
@@ -151,19 +151,20 @@ def test_crash_inside_a_shard_write_leaves_only_a_tmp_file(tmp_path, monkeypatch
     state = {"n": 0}
 
     def flaky_replace(src, dst):
-        if str(src).endswith(".h5.tmp"):
+        if str(dst).endswith(".h5"):
             state["n"] += 1
             if state["n"] == 2:
                 raise OSError("disk vanished")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(shards_mod.os, "replace", flaky_replace)
+    monkeypatch.setattr(atomic.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="disk vanished"):
         build_dataset(cfg, progress=False, load_objects=fake_objects)
-    monkeypatch.setattr(shards_mod.os, "replace", real_replace)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
     root = Path(cfg.root)
-    tmps = list(root.glob("*.h5.tmp"))
-    assert len(tmps) == 1 and not tmps[0].with_suffix("").exists(), "the partial shard never gets its final name"
+    tmps = list(root.glob(".*.h5.*.tmp"))
+    final = root / tmps[0].name[1:].rsplit(".", 2)[0] if tmps else None
+    assert len(tmps) == 1 and not final.exists(), "the partial shard never gets its final name"
     assert len(list(root.glob("*.h5"))) == 1 == len(list(root.glob("*.done.json")))
     build_dataset(cfg, progress=False, load_objects=fake_objects)
     assert not list(root.glob("*.tmp"))
@@ -174,7 +175,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path[:0] = [{root!r}, {tests!r}]
     from test_shards import cfg_for, fake_objects
-    from datamodules.build import build_dataset
+    from amodal3d.datamodules.build import build_dataset
     from pathlib import Path
 
     def slow(d, c, s):
@@ -291,12 +292,32 @@ def test_validate_catches_broken_invariants(built):
     with h5py.File(shard, "r+") as f:
         bits = f["visible_bits"][0]
         f["visible_bits"][0] = np.full_like(bits, 0xFF)  # visible everywhere: not inside amodal
+        f["amodal_box"][1] = f["amodal_box"][1] + 1  # a box that no longer fits its mask
     m = json.loads((built / MANIFEST).read_text())
     rec = m["splits"]["train"]["shards"][0]
     rec["bytes"], rec["sha256"] = shard.stat().st_size, sha256_file(shard)
     (built / MANIFEST).write_text(json.dumps(m))
     report = validate_dataset(built, raise_on_error=False)
     assert any("visible not inside amodal" in p and shard.name in p for p in report["problems"])
+    assert any("amodal_box does not match" in p and shard.name in p for p in report["problems"])
+
+
+def test_mask_boxes_are_exclusive_boxes_from_numpy():
+    masks = np.zeros((6, 7, 9), bool)
+    masks[0, 2:5, 3:6] = True
+    masks[1, 0, 0] = True  # one pixel in the top-left corner
+    masks[2, 4:, 6:] = True  # touches the bottom and right borders
+    masks[3] = True  # the whole image
+    masks[4, 1, 2] = masks[4, 6, 8] = True  # two pixels far apart
+    # masks[5] is empty: box all zeros
+    expect = []
+    for m in masks:
+        ys, xs = np.nonzero(m)
+        expect.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if ys.size else [0, 0, 0, 0])
+    boxes = mask_boxes(masks)
+    assert boxes.dtype == np.float32 and np.array_equal(boxes, np.array(expect, np.float32))
+    assert np.array_equal(boxes, np.stack([mask_box(m) for m in masks]))
+    assert mask_boxes(masks[:0]).shape == (0, 4)
 
 
 def test_paste_build_and_validate(tmp_path):

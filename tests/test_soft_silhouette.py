@@ -21,7 +21,7 @@ from pytorch3d.renderer import (
 from pytorch3d.structures import Meshes
 from pytorch3d.utils import ico_sphere
 
-from models.soft_silhouette import (
+from amodal3d.models.soft_silhouette import (
     SoftSilhouetteRenderer,
     default_blur_radius,
     pixel_centres_ndc,
@@ -243,7 +243,7 @@ def test_sparse_window_renderer_matches_pytorch3d():
     vertex gradients agree."""
     from pytorch3d.utils import ico_sphere
 
-    from models.mesh_renderer import make_cameras, make_silhouette_renderer
+    from amodal3d.models.mesh_renderer import make_cameras, make_silhouette_renderer
 
     torch.manual_seed(0)
     ico = ico_sphere(2)
@@ -271,7 +271,7 @@ def test_sparse_renderer_sends_only_meshes_at_the_near_plane_to_pytorch3d():
     a mesh that does reach the near plane takes the exact path alone."""
     from pytorch3d.utils import ico_sphere
 
-    from models.mesh_renderer import ZNEAR, make_cameras, make_silhouette_renderer
+    from amodal3d.models.mesh_renderer import ZNEAR, make_cameras, make_silhouette_renderer
 
     ico = ico_sphere(2)
     verts = ico.verts_packed()[None].repeat(3, 1, 1) * torch.tensor([0.3, 0.3, 1.3])  # long along z
@@ -297,7 +297,7 @@ def test_sparse_renderer_reports_its_window_work():
     """`window_pixels` (logged as train/render_window_mpx) grows with the faces' projected size."""
     from pytorch3d.utils import ico_sphere
 
-    from models.mesh_renderer import sparse_soft_silhouette
+    from amodal3d.models.mesh_renderer import sparse_soft_silhouette
 
     ico = ico_sphere(2)
     xy = ico.verts_packed()[None, :, :2] * 0.3

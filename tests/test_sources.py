@@ -12,13 +12,13 @@ from omegaconf import OmegaConf
 
 from amodal3d.categories import CATEGORIES, SYNSETS
 from amodal3d.config import DataConfig
-from datamodules.sources import SOURCES, load_objects
-from datamodules.sources.base import NMR_NUM_VIEWS, nmr_cameras
-from datamodules.sources.nmr import nmr_file
-from datamodules.sources.render import cluster_vertices, normalize_vertices, render_objects
-from datamodules.sources.shapenet import shapenet_split
-from datamodules.sources.sheet import object_contact_sheet
-from datamodules.sources.synth13 import load_synth13, synth_object
+from amodal3d.datamodules.sources import SOURCES, load_objects
+from amodal3d.datamodules.sources.base import NMR_NUM_VIEWS, nmr_cameras
+from amodal3d.datamodules.sources.nmr import nmr_file
+from amodal3d.datamodules.sources.render import cluster_vertices, normalize_vertices, render_objects
+from amodal3d.datamodules.sources.shapenet import shapenet_split
+from amodal3d.datamodules.sources.sheet import object_contact_sheet
+from amodal3d.datamodules.sources.synth13 import load_synth13, synth_object
 
 VIEWS = 8  # 45 degree steps keep the tests fast while covering all sides
 
@@ -45,7 +45,7 @@ def test_normalize_vertices_centres_and_scales():
 
 
 def _cube(center, size):
-    from datamodules.sources.synth13_shapes import MeshBuilder
+    from amodal3d.datamodules.sources.synth13_shapes import MeshBuilder
 
     b = MeshBuilder()
     b.box(center, (size, size, size), (0.8, 0.2, 0.2))
@@ -90,7 +90,7 @@ def test_render_per_mesh_cameras_and_bad_input():
 
 
 def test_render_chunking_does_not_change_output(monkeypatch):
-    from datamodules.sources import render as render_mod
+    from amodal3d.datamodules.sources import render as render_mod
 
     meshes = [_cube((0.1 * k, 0, 0), 0.3 + 0.05 * k) for k in range(3)]
     whole = render_objects(meshes, nmr_cameras(3), 32)

@@ -16,18 +16,19 @@ import torch
 
 from fakes import LabelGuard
 from amodal3d.config import load_config, save_config
-from lightning_modules.recon import ReconStage
-from lightning_modules.render import (
+from amodal3d.dependencies import resolve_checkpoints
+from amodal3d.runs import SUMMARY
+from amodal3d.lightning_modules.recon import ReconStage
+from amodal3d.lightning_modules.render import (
     RenderStage,
     ShapePrior,
     choose_camera_source,
-    load_shape_prior,
     shape_prior_from_checkpoint,
 )
-from lightning_modules.viewpoint import ViewpointStage, recon_net_from_spec, synthesise
-from models.mesh_renderer import fit_placement, make_cameras, make_silhouette_renderer, pixel_box_to_ndc, project
-from models.occlusion_synth import OccluderParams, occlusion_ratio, synth_occluders
-from models.placement import PlacementHead, adjust_box, box_placement, placed_cameras, placed_extent
+from amodal3d.lightning_modules.viewpoint import ViewpointStage, recon_net_from_spec, synthesise
+from amodal3d.models.mesh_renderer import fit_placement, make_cameras, make_silhouette_renderer, pixel_box_to_ndc, project
+from amodal3d.models.occlusion_synth import OccluderParams, occlusion_ratio, synth_occluders
+from amodal3d.models.placement import PlacementHead, adjust_box, box_placement, placed_cameras, placed_extent
 
 S = 64
 # the data of experiments/debug/tiny.yaml, as overrides so the runner can combine them with DEBUG=fdr
@@ -63,17 +64,19 @@ def _save_run(module: L.LightningModule, root: Path, stage: str, run_id: str) ->
     ckpt = run / "checkpoints" / "best.ckpt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     trainer.save_checkpoint(str(ckpt))
+    (run / SUMMARY).write_text("{}")  # a finished run: dependencies are only resolved to finished runs
     return ckpt
 
 
 def _cfg(stage: str, root: Path, runs: Path, extra: list[str] | None = None):
+    """The stage's config with its dependencies resolved in `runs`, as the runner does."""
     ov = TINY + SMALL_MODEL[stage] + [f"data.root={root}", f"run.root={runs}"]
-    return load_config(stage, overrides=ov + (extra or []))
+    return resolve_checkpoints(load_config(stage, overrides=ov + (extra or [])))
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    from datamodules.build import ensure_dataset
+    from amodal3d.datamodules.build import ensure_dataset
 
     root = tmp_path_factory.mktemp("vr") / "data"
     cfg = load_config("recon", overrides=[f"data.root={root}", *TINY_DATA])
@@ -92,7 +95,7 @@ def recon_runs(tiny_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(tiny_root):
-    from datamodules.crops import CropDataset, collate_crops
+    from amodal3d.datamodules.crops import CropDataset, collate_crops
 
     ds = CropDataset(tiny_root, "train", crop_size=S)
     return collate_crops([ds[i] for i in range(6)])
@@ -206,7 +209,7 @@ def test_viewpoint_training_step_reads_no_hidden_labels_and_keeps_recon_frozen(r
 
 
 def test_estimator_camera_uses_recons_selection_rule(batch):
-    from lightning_modules.viewpoint import estimator_camera
+    from amodal3d.lightning_modules.viewpoint import estimator_camera
 
     torch.manual_seed(0)
     recon = recon_net_from_spec({"model": {"feat_dim": 32, "camera_hypotheses": 3, "select_size": 16},
@@ -375,18 +378,16 @@ def test_render_fast_dev_run_through_the_runner(recon_runs, tiny_root):
         assert key in summary["metrics"] and math.isfinite(summary["metrics"][key]), key
 
 
-def test_load_shape_prior_gives_the_frozen_coarse_mask(recon_runs, tiny_root, batch):
+def test_shape_prior_from_checkpoint_gives_the_frozen_coarse_mask(recon_runs, tiny_root, batch):
     runs, _ = recon_runs
     cfg = _cfg("render", tiny_root, runs, ["model.camera_source=recon"])
-    with pytest.raises(FileNotFoundError, match="make train STAGE=render"):
-        load_shape_prior(cfg)
     torch.manual_seed(0)
     stage = RenderStage(cfg)
     with torch.no_grad():
         for p in stage.prior.placement.parameters():
             p.normal_(0, 0.5)  # a trained-looking, non-zero residual
     ckpt = _save_run(stage, runs, "render", "p1")
-    prior = load_shape_prior(cfg)
+    prior = shape_prior_from_checkpoint(ckpt)
     assert isinstance(prior, ShapePrior) and not prior.training
     assert not any(p.requires_grad for p in prior.parameters())
     stage.eval()

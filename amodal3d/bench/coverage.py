@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from datamodules.crops import crop_coverage, protocol_crop_boxes
-from datamodules.shards import SplitReader
+from amodal3d.datamodules.crops import crop_coverage, protocol_crop_boxes
+from amodal3d.datamodules.shard_reader import SplitReader
 
 
 def coverage(root: str, split: str, margins: list[float]) -> dict[float, float]:

@@ -1,5 +1,5 @@
 """Find the trained methods, load them, and score them on the test split under the
-config's protocol (datamodules.protocols).
+config's protocol (amodal3d.protocols).
 
 Scoring goes through the stage's own `evaluate_batch` (the code validation
 uses), so the table and the training curves cannot disagree on the protocol.
@@ -23,8 +23,8 @@ from amodal3d.categories import CATEGORIES
 from amodal3d.config import REPO_ROOT
 from amodal3d.runs import best_checkpoint, find_stage_checkpoint
 from amodal3d.bench.reference import FLOOR, VisibleFloor, reference_modules
-from datamodules.protocols import protocol_of
-from lightning_modules.common import AmodalStage
+from amodal3d.protocols import protocol_of
+from amodal3d.lightning_modules.common import AmodalStage
 
 
 
@@ -33,7 +33,7 @@ class MethodEntry:
     """A row to evaluate: a registered method's stage and its checkpoint (or why not).
 
     load(cfg, device): how to build the module when the row is not simply the
-    stage's checkpoint (rows a stage contributes through StageSpec.extra["bench_rows"]).
+    stage's checkpoint (the Ours rows, amodal3d.bench.ours).
     """
 
     name: str
@@ -67,7 +67,7 @@ def _run_of(path: Path) -> tuple[Path, Path]:
 
 def named_methods(paths: list[str]) -> list[MethodEntry]:
     """Rows for runs named on the command line (run folders or checkpoints)."""
-    from lightning_modules.registry import get_stage
+    from amodal3d.lightning_modules.registry import get_stage
 
     out = []
     for p in paths:
@@ -86,10 +86,9 @@ def named_methods(paths: list[str]) -> list[MethodEntry]:
 def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
     """Every registered method (stage with a table row), with the best checkpoint of its
     latest run under runs/<experiment>/<stage>/, or marked "not trained"."""
-    from lightning_modules.registry import available_stages, get_stage
+    from amodal3d.lightning_modules.registry import available_stages, get_stage
 
     out: list[MethodEntry] = []
-    added: list[MethodEntry] = []  # rows stages contribute (extra["bench_rows"]): after all stage rows
     specs = []
     for stage in available_stages():
         try:
@@ -107,10 +106,10 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
             out.append(MethodEntry(name=spec.method, stage=stage, checkpoint=ckpt))
         except FileNotFoundError:
             out.append(MethodEntry(name=spec.method, stage=stage, status=NOT_TRAINED))
-        for row in spec.extra.get("bench_rows", lambda *_: [])(experiment, root):
-            added.append(MethodEntry(name=row.name, stage=row.stage, checkpoint=row.checkpoint,
-                                     status=row.status, load=row.load))
-    out += added
+    from amodal3d.bench.ours import ours_rows
+
+    out += [MethodEntry(name=row.name, stage=row.stage, checkpoint=row.checkpoint, status=row.status, load=row.load)
+            for row in ours_rows(experiment, root)]  # Ours and its true-camera variant come last
     seen: dict[str, int] = {}
     for e in out:  # two stages reporting the same method name get told apart
         seen[e.name] = seen.get(e.name, 0) + 1
@@ -123,7 +122,7 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
 def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None = None) -> AmodalStage:
     """The stage module of `entry` restored from its checkpoint (or built by its own
     `load`), in eval mode on `device`."""
-    from lightning_modules.registry import get_stage
+    from amodal3d.lightning_modules.registry import get_stage
 
     if entry.load is not None:
         module = entry.load(cfg, device)
@@ -147,8 +146,8 @@ def floor_module(cfg: DictConfig, device: torch.device) -> VisibleFloor:
 def eval_loader(cfg: DictConfig, split: str = "test"):
     """A split's crop loader (in order, each instance once) of the config's dataset,
     built first if missing."""
-    from datamodules.build import ensure_dataset
-    from datamodules.crops import CropDataModule
+    from amodal3d.datamodules.build import ensure_dataset
+    from amodal3d.datamodules.crops import CropDataModule
 
     ensure_dataset(cfg.data)
     dm = CropDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}),
@@ -159,7 +158,7 @@ def eval_loader(cfg: DictConfig, split: str = "test"):
 @torch.no_grad()
 def evaluate_module(module: AmodalStage, loader, device: torch.device, max_batches: int | None = None) -> dict:
     """AmodalMIoU.compute() of `module` over `loader`, plus seconds and instances."""
-    from metrics.amodal_iou import AmodalMIoU
+    from amodal3d.metrics.amodal_iou import AmodalMIoU
 
     metric = AmodalMIoU(num_categories=len(CATEGORIES)).to(device)
     module.eval()

@@ -17,10 +17,10 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import CATEGORIES
-from amodal3d.predict import mask_outline
-from amodal3d.runs import save_png_atomic
-from datamodules.sheet_composites import overlay
-from metrics.amodal_iou import instance_iou
+from amodal3d.predict.overlay import mask_outline
+from amodal3d.atomic import save_png_atomic
+from amodal3d.datamodules.sheet_composites import overlay
+from amodal3d.metrics.amodal_iou import instance_iou
 
 _WHITE = np.array([255, 255, 255])
 

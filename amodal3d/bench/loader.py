@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from datamodules.crops import CropDataModule, _CropSampler, crop_arrays, protocol_crop_boxes
+from amodal3d.datamodules.crops import CropDataModule, _CropSampler, crop_arrays, protocol_crop_boxes
 
 
 def _cpu_seconds() -> float:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from amodal3d.config import load_config
-    from datamodules.build import ensure_dataset
+    from amodal3d.datamodules.build import ensure_dataset
 
     cfg = load_config(None, args.exp, args.overrides)
     ensure_dataset(cfg.data)

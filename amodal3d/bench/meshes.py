@@ -25,7 +25,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import CATEGORIES
-from amodal3d.runs import save_png_atomic
+from amodal3d.atomic import save_png_atomic
 
 _GREY = np.array([0.72, 0.72, 0.75], np.float32)
 
@@ -46,7 +46,7 @@ def constant_camera_rows(rows: torch.Tensor, elevation: float, distance: float) 
 
 def split_errors(rows: torch.Tensor, offsets: dict) -> dict:
     """camera_errors of rows (overall and per category) under the given offsets."""
-    from lightning_modules.recon import camera_errors
+    from amodal3d.metrics.camera import camera_errors
 
     errors = {k: float(v) for k, v in camera_errors(rows, len(CATEGORIES), offsets).items()}
     errors["per_category"] = {
@@ -61,7 +61,7 @@ def camera_report(stage, val_loader, test_loader, device: torch.device, true_mes
                   max_batches: int | None = None) -> tuple[dict[str, list[dict]], dict]:
     """(test cases for the mesh sheet, errors): recon's test errors and the constant
     camera's ("constant"), each with azimuth offsets fitted on validation."""
-    from lightning_modules.recon import camera_offsets
+    from amodal3d.metrics.camera import camera_offsets
 
     _, val_rows = collect_reconstructions(stage, val_loader, device, 0, true_meshes, max_batches, split="val",
                                           chamfer=False)
@@ -87,7 +87,7 @@ def collect_reconstructions(stage, loader, device: torch.device, per_category: i
     each category as recon predicts them ({category: [{rgb, verts, faces, camera,
     object_id, true_camera}]}), and the per-instance rows camera_errors scores
     against the true cameras and meshes (evaluation only)."""
-    from lightning_modules.recon import view_frame_chamfer
+    from amodal3d.metrics.chamfer import view_frame_chamfer
 
     stage.eval()
     found: dict[int, list[dict]] = {}
@@ -150,7 +150,7 @@ def errors_markdown(errors: dict) -> str:
 def mesh_sheet(cases: dict[str, list[dict]], true_meshes, out_png: str | os.PathLike, size: int = 96) -> Path:
     """Write the PNG: a row per category; per instance: crop | predicted mesh from the
     predicted camera, +90 deg, +180 deg | true mesh from the true camera."""
-    from datamodules.sources.render import render_objects
+    from amodal3d.datamodules.sources.render import render_objects
 
     if not cases:
         raise ValueError("no reconstructions to draw")

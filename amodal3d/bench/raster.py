@@ -24,8 +24,8 @@ from pytorch3d.renderer import FoVPerspectiveCameras, look_at_view_transform
 from pytorch3d.structures import Meshes
 from pytorch3d.utils import ico_sphere
 
-from datamodules.sources.base import nmr_cameras
-from models.soft_silhouette import SoftSilhouetteRenderer
+from amodal3d.datamodules.sources.base import nmr_cameras
+from amodal3d.models.soft_silhouette import SoftSilhouetteRenderer
 
 PATHS = ("pytorch3d", "fast")
 

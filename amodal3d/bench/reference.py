@@ -20,8 +20,8 @@ from abc import abstractmethod
 import numpy as np
 import torch
 
-from datamodules.protocols import GT_BOX, GT_VISIBLE, check_protocol
-from lightning_modules.common import AmodalStage
+from amodal3d.protocols import GT_BOX, GT_VISIBLE, check_protocol
+from amodal3d.lightning_modules.common import AmodalStage
 
 FLOOR = "visible"
 BOX_RULE = "box rule: visible ∪ (occluder ∩ amodal box)"
@@ -90,7 +90,7 @@ class ReferenceRule(AmodalStage):
         s = batch["visible"].shape[-1]
         box = None
         if "amodal_box" in batch:
-            from models.mesh_renderer import box_in_crop
+            from amodal3d.models.mesh_renderer import box_in_crop
 
             box = box_in_crop(batch["amodal_box"].float(), batch["crop_box"].float(), s)
         return self.rule(batch["visible"].float(), batch["occluded"].float(), box)

@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from amodal3d.config import REPO_ROOT, load_config
-from amodal3d.runs import write_json_atomic
+from amodal3d.atomic import write_json_atomic
 
 PARTS = ("table", "seeds", "speed", "loader", "raster", "hardest", "recon", "all")
 #: the experiment whose runs each protocol's table scores when --exp is not given
@@ -103,8 +103,8 @@ def protocol_configs(args) -> list:
 
 def crop_coverage_note(cfg) -> str:
     """Share of test instances whose amodal mask reaches outside its crop (no method can score there)."""
-    from datamodules.crops import crop_coverage, protocol_crop_boxes
-    from datamodules.shards import SplitReader
+    from amodal3d.datamodules.crops import crop_coverage, protocol_crop_boxes
+    from amodal3d.datamodules.shard_reader import SplitReader
 
     idx = SplitReader(cfg.data.root, "test", verify=False).index
     lc = cfg.loader
@@ -118,7 +118,8 @@ def crop_coverage_note(cfg) -> str:
 
 def part_table(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import evaluate_all
-    from amodal3d.bench.table import results_markdown, write_atomic, write_results
+    from amodal3d.atomic import write_text_atomic
+    from amodal3d.bench.table import results_markdown, write_results
 
     mds, failed = [], []
     for protocol, pcfg in protocol_configs(args):
@@ -132,7 +133,7 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
         mds.append(md)
         failed += [f"{protocol}: {r.name} ({r.status})" for r in results if r.status.startswith("error")]
     md = "\n\n".join(mds)
-    write_atomic(out / "results.md", md)
+    write_text_atomic(out / "results.md", md)
     if failed:  # the tables are written; the call still fails, naming each row and why
         raise RuntimeError("evaluation failed for " + "; ".join(failed))
     return md
@@ -140,7 +141,7 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
 
 def part_seeds(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.seeds import seeds_markdown, seed_results
-    from amodal3d.bench.table import write_atomic
+    from amodal3d.atomic import write_text_atomic
 
     mds = []
     for protocol, pcfg in protocol_configs(args):
@@ -150,7 +151,7 @@ def part_seeds(args, cfg, device, meta: dict, out: Path) -> str:
         pmeta = _meta(args.full_argv, pcfg, device, "seeds")
         rows, references = seed_results(pcfg, exps, device, args.limit_batches)
         md = seeds_markdown(rows, references, pmeta)
-        write_atomic(out / f"seeds-{protocol}.md", md)
+        write_text_atomic(out / f"seeds-{protocol}.md", md)
         print(md, flush=True)
         mds.append(md)
     return "\n\n".join(mds)
@@ -161,7 +162,8 @@ def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.speed import (
         collect_batches, measure_inference, methods_markdown, predict_markdown, section_markdown,
     )
-    from amodal3d.bench.table import write_atomic, write_tensorboard_text
+    from amodal3d.atomic import write_text_atomic
+    from amodal3d.bench.table import write_tensorboard_text
 
     batches = collect_batches(eval_loader(cfg), device, args.speed_batches)
     rows = []
@@ -180,7 +182,7 @@ def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
     predict = _predict_throughput(args, cfg, device)
     body = methods_markdown(rows) + "\n\n" + predict_markdown(predict)
     md = section_markdown("Inference speed (predict_amodal on test batches already on the device)", body, meta)
-    write_atomic(out / "speed.md", md)
+    write_text_atomic(out / "speed.md", md)
     write_json_atomic(out / "speed.json", {"meta": meta, "methods": rows, "predict": predict})
     write_tensorboard_text(out / "tb", "bench/speed", md)
     print(md, flush=True)
@@ -190,7 +192,8 @@ def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
 def _predict_throughput(args, cfg, device) -> dict:
     """`predict` end to end (image and mask files in, masks, overlays and JSON out) with
     the Ours model on test images; {"status": why} when there is no Ours model."""
-    from amodal3d.predict import load_predictor, predict_throughput
+    from amodal3d.predict.run import load_predictor
+    from amodal3d.predict.throughput import predict_throughput
 
     try:
         module, ckpt = load_predictor(None, cfg.experiment, cfg.run.root, device)
@@ -204,11 +207,12 @@ def _predict_throughput(args, cfg, device) -> dict:
 
 def _part_report(name: str, title: str, report: tuple[dict, str], meta: dict, out: Path) -> str:
     from amodal3d.bench.speed import section_markdown
-    from amodal3d.bench.table import write_atomic, write_tensorboard_text
+    from amodal3d.atomic import write_text_atomic
+    from amodal3d.bench.table import write_tensorboard_text
 
     report, body = report
     md = section_markdown(title, body, meta)
-    write_atomic(out / f"{name}.md", md)
+    write_text_atomic(out / f"{name}.md", md)
     write_json_atomic(out / f"{name}.json", {"meta": meta, name: report})
     write_tensorboard_text(out / "tb", f"bench/{name}", md)
     print(md, flush=True)
@@ -231,7 +235,7 @@ def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
     from amodal3d.bench.hardest import hardest_instances, hardest_sheet
     from amodal3d.bench.speed import section_markdown
-    from amodal3d.bench.table import write_atomic
+    from amodal3d.atomic import write_text_atomic
 
     entries = {e.name: e for e in _entries(args, cfg)}
     entry = entries.get(args.hardest_method)
@@ -247,7 +251,7 @@ def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
             lines.append(f"| {cat} | " + ", ".join(f"{100 * k['iou']:.1f}" for k in items) + " |")
         body = f"![hardest cases]({png.name})\n\n" + "\n".join(lines)
     md = section_markdown(f"Hardest test instances of {args.hardest_method}", body, meta)
-    write_atomic(out / "hardest.md", md)
+    write_text_atomic(out / "hardest.md", md)
     print(md, flush=True)
     return md
 
@@ -256,8 +260,8 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
     from amodal3d.bench.meshes import camera_report, errors_markdown, mesh_sheet
     from amodal3d.bench.speed import section_markdown
-    from amodal3d.bench.table import write_atomic
-    from lightning_modules.recon import TrueMeshes
+    from amodal3d.atomic import write_text_atomic
+    from amodal3d.datamodules.true_meshes import TrueMeshes
 
     entry = next((e for e in _entries(args, cfg) if e.stage == "recon"), None)
     if entry is None or entry.status != "ok":
@@ -274,7 +278,7 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
                 "head's ranges and the best single azimuth per category on validation.\n\n" + errors_markdown(errors)
                 + f"\n\n![reconstructed meshes]({png.name})\n\nCheckpoint: `{entry.checkpoint}`")
     md = section_markdown("recon on the test split: cameras, shapes and meshes", body, meta)
-    write_atomic(out / "recon.md", md)
+    write_text_atomic(out / "recon.md", md)
     write_json_atomic(out / "recon.json", {"meta": meta, "errors": errors})
     print(md, flush=True)
     return md
@@ -309,11 +313,11 @@ def main(argv: list[str]) -> int:
             failed.append(f"{name}: {err!r}")
             print(f"[bench] part {name!r} failed: {err!r}", file=sys.stderr)
     if part == "all":
-        from amodal3d.bench.table import write_atomic
+        from amodal3d.atomic import write_text_atomic
 
         body = "\n\n".join(sections)
         if failed:
             body += "\n\n# Parts that failed\n\n" + "\n".join(f"- {f}" for f in failed) + "\n"
-        write_atomic(out / "bench.md", body)
+        write_text_atomic(out / "bench.md", body)
         print(f"[bench] wrote {out / 'bench.md'}" + (f"; failed parts: {json.dumps(failed)}" if failed else ""))
     return 1 if failed else 0

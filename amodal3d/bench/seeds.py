@@ -55,8 +55,8 @@ def seed_results(cfg, experiments: list[str], device: torch.device, max_batches:
     from amodal3d.bench.evaluate import MethodEntry, eval_loader, evaluate_module, load_method
     from amodal3d.bench.reference import reference_modules
     from amodal3d.runs import find_stage_checkpoint
-    from lightning_modules.refine import OURS, ours_checkpoint
-    from lightning_modules.registry import get_stage
+    from amodal3d.bench.ours import OURS, ours_checkpoint
+    from amodal3d.lightning_modules.registry import get_stage
 
     loader = eval_loader(cfg)
     refs = []

@@ -180,7 +180,7 @@ def run_loader_bench(cfg) -> tuple[dict, str]:
     """The data loader's figures (amodal3d/bench/loader.py) for the bench config's dataset,
     and their markdown."""
     from amodal3d.bench import loader
-    from datamodules.build import ensure_dataset
+    from amodal3d.datamodules.build import ensure_dataset
 
     ensure_dataset(cfg.data)
     report = loader.bench_loader(cfg.data, cfg.loader, workers=(0, 2))

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 
 from amodal3d.categories import CATEGORIES
-from metrics.view_symmetry import opposite_view_similarity, same_picture
+from amodal3d.metrics.view_symmetry import opposite_view_similarity, same_picture
 
 
 def category_report(categories=CATEGORIES, objects: int = 4, size: int = 64) -> dict[str, tuple[float, float, float]]:
     """{category: (opposite views' mean silhouette IoU and colour difference, share of
     views that are the same picture as some other view of the object)}."""
-    from datamodules.sources.base import nmr_cameras
-    from datamodules.sources.synth13 import render_synth_objects, synth_object
+    from amodal3d.datamodules.sources.base import nmr_cameras
+    from amodal3d.datamodules.sources.synth13 import render_synth_objects, synth_object
 
     cams = nmr_cameras(24)
     out = {}

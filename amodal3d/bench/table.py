@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amodal3d.atomic import write_text_atomic
 from amodal3d.categories import CATEGORIES, DISPLAY_NAMES
 
 MISSING = "—"
@@ -149,13 +149,6 @@ def results_markdown(results: list[MethodResult], meta: dict, extra_notes: list[
     return "\n".join(parts) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_tensorboard_text(log_dir: Path, tag: str, text: str) -> None:
     """A markdown text summary TensorBoard shows under TEXT (one event file per call)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -175,7 +168,7 @@ def write_results(out_dir: Path, results: list[MethodResult], meta: dict,
     md = results_markdown(results, meta, extra_notes)
     paths = {"markdown": out_dir / f"results-{protocol}.md", "csv": out_dir / f"results-{protocol}.csv",
              "tensorboard": out_dir / "tb"}
-    write_atomic(paths["markdown"], md)
-    write_atomic(paths["csv"], csv_text(results))
+    write_text_atomic(paths["markdown"], md)
+    write_text_atomic(paths["csv"], csv_text(results))
     write_tensorboard_text(paths["tensorboard"], f"bench/results/{protocol}", md)
     return paths

@@ -10,13 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from datamodules.sources.base import ObjectRenders, resolve_request
+from amodal3d.datamodules.sources.base import ObjectRenders, resolve_request
 
 #: source name -> "module:function" of its loader
 SOURCES: dict[str, str] = {
-    "synth13": "datamodules.sources.synth13:load_synth13",
-    "nmr": "datamodules.sources.nmr:load_nmr",
-    "shapenet": "datamodules.sources.shapenet:load_shapenet",
+    "synth13": "amodal3d.datamodules.sources.synth13:load_synth13",
+    "nmr": "amodal3d.datamodules.sources.nmr:load_nmr",
+    "shapenet": "amodal3d.datamodules.sources.shapenet:load_shapenet",
 }
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from datamodules.sources.base import resolve_request, source_folder
-from datamodules.sources.base import NMR_IMAGE_SIZE, NMR_NUM_VIEWS, ObjectRenders, nmr_cameras
+from amodal3d.datamodules.sources.base import resolve_request, source_folder
+from amodal3d.datamodules.sources.base import NMR_IMAGE_SIZE, NMR_NUM_VIEWS, ObjectRenders, nmr_cameras
 
 ARRAY_KEY = "arr_0"
 #: objects converted per read (bounds the float temporary to ~100 MB)

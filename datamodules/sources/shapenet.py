@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from datamodules.sources.base import resolve_request, source_folder
-from datamodules.sources.base import ObjectRenders, nmr_cameras
-from datamodules.sources.render import cluster_vertices, normalize_vertices, render_objects
+from amodal3d.datamodules.sources.base import resolve_request, source_folder
+from amodal3d.datamodules.sources.base import ObjectRenders, nmr_cameras
+from amodal3d.datamodules.sources.render import cluster_vertices, normalize_vertices, render_objects
 
 #: split of a model by its hash in [0, 100)
 SPLIT_BOUNDS = (("train", 80), ("val", 90), ("test", 100))

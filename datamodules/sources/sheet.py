@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import DISPLAY_NAMES, resolve_categories
-from amodal3d.runs import save_png_atomic
-from datamodules.sources import load_objects
+from amodal3d.atomic import save_png_atomic
+from amodal3d.datamodules.sources import load_objects
 
 LABEL_W = 78
 GAP = 6

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import CATEGORIES, category_index
-from datamodules.sources.base import resolve_request
-from datamodules.sources.base import SPLITS, ObjectRenders, nmr_cameras
-from datamodules.sources.render import normalize_vertices, render_objects
-from datamodules.sources.synth13_shapes import build_shape
+from amodal3d.datamodules.sources.base import resolve_request
+from amodal3d.datamodules.sources.base import SPLITS, ObjectRenders, nmr_cameras
+from amodal3d.datamodules.sources.render import normalize_vertices, render_objects
+from amodal3d.datamodules.sources.synth13_shapes import build_shape
 
 
 @dataclass

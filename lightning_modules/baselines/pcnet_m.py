@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from datamodules.protocols import gives_amodal_box, protocol_of
-from lightning_modules.common import AmodalStage
-from lightning_modules.registry import StageSpec
-from models.unet import UNet
+from amodal3d.protocols import gives_amodal_box, protocol_of
+from amodal3d.lightning_modules.common import AmodalStage
+from amodal3d.lightning_modules.registry import StageSpec
+from amodal3d.models.unet import UNet
 
 
 @dataclass

@@ -1,0 +1,64 @@
+"""Stage dependencies, resolved once by the runner before any module is built.
+
+A stage's StageSpec names what it consumes (`dependencies(cfg, find)`); the runner
+fills `run.checkpoints.<stage>` with absolute paths (an explicit path stays, else the
+best checkpoint of the latest finished run), saves them in the run's config.yaml,
+and the LightningModule reads them from its config: it never searches runs/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig
+
+from amodal3d.runs import find_stage_checkpoint
+
+# find(stage, experiment, required=True) -> absolute checkpoint path, or None when an
+# optional dependency has no finished run
+Finder = Callable[..., "str | None"]
+
+
+def make_finder(cfg: DictConfig) -> Finder:
+    """A `find` over cfg's runs root that honours explicit run.checkpoints.<stage> paths."""
+    explicit = cfg.run.checkpoints
+
+    def find(stage: str, experiment: str, required: bool = True) -> str | None:
+        given = explicit.get(stage)
+        if given:  # an explicit path must exist, optional or not
+            return str(find_stage_checkpoint(stage, experiment, cfg.run.root, str(given)).resolve())
+        try:
+            return str(find_stage_checkpoint(stage, experiment, cfg.run.root).resolve())
+        except FileNotFoundError:
+            if required:
+                raise
+            return None
+
+    return find
+
+
+def resolve_checkpoints(cfg: DictConfig, spec=None) -> DictConfig:
+    """cfg with run.checkpoints.<stage> set for every stage cfg.stage consumes (in place)."""
+    if spec is None:
+        from amodal3d.lightning_modules.registry import get_stage
+
+        spec = get_stage(str(cfg.stage))
+    if spec.dependencies is None:
+        return cfg
+    found = spec.dependencies(cfg, make_finder(cfg))
+    for stage, path in found.items():
+        if path:
+            cfg.run.checkpoints[stage] = path
+    return cfg
+
+
+def saved_checkpoints(run_config: Path) -> dict[str, str]:
+    """run.checkpoints as a run's config.yaml recorded them (a resumed run keeps its inputs)."""
+    from omegaconf import OmegaConf
+
+    if not run_config.is_file():
+        return {}
+    saved = OmegaConf.load(run_config)
+    ckpts = OmegaConf.select(saved, "run.checkpoints") or {}
+    return {str(k): str(v) for k, v in ckpts.items() if v}

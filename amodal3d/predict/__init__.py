@@ -1,0 +1,35 @@
+"""Inference on image files: visible masks in, amodal masks out (`make predict`).
+
+Inputs (one or more paths):
+  * an image file (PNG/JPEG) `<dir>/<name>.png`, its instances' visible masks in the
+    folder `<dir>/<name>/`, one PNG per instance named `<category>[_<anything>].png`
+    (category: one of amodal3d.categories.CATEGORIES or its ShapeNet synset id;
+    a mask pixel is on when its grey value is >= 128);
+  * a folder: every PNG/JPEG directly inside it, each with its mask folder as above;
+  * a COCO-style JSON: `images` (id, file_name relative to the JSON's folder, optional
+    width/height), `categories` (id, name) and `annotations` (image_id, category_id,
+    `segmentation` = the visible mask as RLE or polygons, optional `amodal_bbox`
+    [x, y, w, h]).
+Each instance is cropped exactly like the DataModule crops it under the protocol the
+model was trained for (datamodules.crops: square_crop_box, crop_to_box to
+loader.crop_size of the model's config). gt-visible models: around the box of the
+visible mask, enlarged by loader.visible_crop_margin (an `amodal_bbox` is not read).
+gt-box models: around the amodal box when the input gives one (`amodal_bbox`), else
+the box of the visible mask, enlarged by loader.crop_margin; then the object's hidden
+part can only be found inside that crop. The occluder mask (pixels that may hide the
+instance) is, with occluder="unknown", everything outside the instance's visible
+mask; with occluder="others", the union of the other instances' visible masks of the
+image (what gt-visible models were trained with); "auto" (default) picks "others"
+for gt-visible models and "unknown" for gt-box ones.
+
+Outputs under `out`: `masks/<image>/<instance>.png` (amodal masks, 0/255, the visible
+mask included), `overlays/<image>.png` (visible part tinted, predicted hidden part
+hatched, amodal outline, one colour per instance) and `amodal.json` (COCO style: the
+amodal masks as RLE via pycocotools.mask.encode, plus an `errors` list). A bad input
+(missing file, mask size different from its image, unknown category, empty mask)
+is reported with its name and skipped; the other inputs are still processed.
+
+Modules: inputs (reading and checking the inputs), crops (what the model is fed),
+run (loading the model, the pipeline, predict_files), outputs (PNG, RLE, JSON
+writing), overlay (the overlay drawing), throughput (the bench's end-to-end timing).
+"""

@@ -1,0 +1,229 @@
+"""Reading and checking predict's inputs (image files with mask folders, or a COCO
+JSON; formats in amodal3d.predict): every bad entry is reported by name and skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from amodal3d.categories import CATEGORIES, category_index
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class InstanceInput:
+    name: str  # output file stem
+    source: str  # what an error message names: a mask file or "annotation <id> of <json>"
+    category: str | int  # category name (folder input) or input category id (COCO)
+    mask_path: Path | None = None
+    segmentation: object = None  # COCO segmentation (RLE dict or polygon list)
+    ann_id: int | None = None
+    amodal_bbox: list[float] | None = None  # xywh
+
+
+@dataclass
+class ImageInput:
+    path: Path
+    image_id: int
+    instances: list[InstanceInput] = field(default_factory=list)
+    size: tuple[int, int] | None = None  # (h, w) claimed by a COCO file
+    key: str = ""  # output name (unique)
+
+
+@dataclass
+class InputSet:
+    images: list[ImageInput]
+    errors: list[dict]
+    categories: list[dict]  # output categories: {"id", "name"}
+    category_of: dict  # input category (name or COCO id) -> CATEGORIES index (or an error string)
+
+
+class InputError(ValueError):
+    """A bad input file or entry; its message names it."""
+
+
+def report_error(errors: list[dict], where: str, msg: str) -> None:
+    """Record a skipped input (and say so on stderr); processing goes on."""
+    errors.append({"input": where, "error": msg})
+    print(f"[predict] skipped {where}: {msg}", file=sys.stderr, flush=True)
+
+
+def _our_categories() -> list[dict]:
+    return [{"id": i + 1, "name": c} for i, c in enumerate(CATEGORIES)]
+
+
+def _folder_instances(image: Path) -> list[InstanceInput]:
+    folder = image.with_suffix("")
+    if not folder.is_dir():
+        raise InputError(f"no mask folder {folder}/ next to {image} (one PNG per instance, named "
+                         "<category>[_<anything>].png)")
+    masks = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+    if not masks:
+        raise InputError(f"mask folder {folder}/ holds no PNG files")
+    return [InstanceInput(name=p.stem, source=str(p), category=p.stem.split("_", 1)[0], mask_path=p) for p in masks]
+
+
+def read_folder_inputs(images: list[Path], errors: list[dict], first_id: int = 1) -> list[ImageInput]:
+    out = []
+    for k, image in enumerate(images):
+        try:
+            out.append(ImageInput(path=image, image_id=first_id + k, instances=_folder_instances(image)))
+        except InputError as err:
+            report_error(errors, str(image), str(err))
+    return out
+
+
+def read_coco_inputs(path: Path, errors: list[dict]) -> tuple[list[ImageInput], list[dict], dict]:
+    """Images, output categories and the category map of a COCO-style JSON."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read the COCO JSON: {err}") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise InputError(f"{path}: a COCO JSON needs a list under {key!r}")
+    cats, category_of = [], {}
+    for c in data["categories"]:
+        try:
+            category_of[c["id"]] = category_index(str(c["name"]).strip().lower())
+        except (KeyError, ValueError) as err:
+            category_of[c.get("id")] = f"category {c.get('name')!r} (id {c.get('id')}): {err}"
+        cats.append({"id": c.get("id"), "name": c.get("name")})
+    images: dict = {}
+    for im in data["images"]:
+        if "id" not in im or "file_name" not in im:
+            report_error(errors, f"{path}: image entry {im}", "needs 'id' and 'file_name'")
+            continue
+        size = (int(im["height"]), int(im["width"])) if "height" in im and "width" in im else None
+        images[im["id"]] = ImageInput(path=path.parent / im["file_name"], image_id=im["id"], size=size)
+    for k, ann in enumerate(data["annotations"]):
+        aid = ann.get("id", k)
+        where = f"annotation {aid} of {path}"
+        img = images.get(ann.get("image_id"))
+        if img is None:
+            report_error(errors, where, f"image_id {ann.get('image_id')!r} is not in 'images'")
+            continue
+        if "segmentation" not in ann:
+            report_error(errors, where, "has no 'segmentation' (the visible mask)")
+            continue
+        img.instances.append(InstanceInput(
+            name=f"{aid}", source=where, category=ann.get("category_id"), segmentation=ann["segmentation"],
+            ann_id=aid, amodal_bbox=ann.get("amodal_bbox")))
+    return list(images.values()), cats, category_of
+
+
+def collect_inputs(inputs) -> InputSet:
+    """Every image and instance named by `inputs` (paths; formats: amodal3d.predict)."""
+    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    errors: list[dict] = []
+    images: list[ImageInput] = []
+    categories, category_of = _our_categories(), {}
+    coco_seen = False
+    for p in paths:
+        if not p.exists():
+            report_error(errors, str(p), "no such file or folder")
+        elif p.is_file() and p.suffix.lower() == ".json":
+            if coco_seen:
+                raise ValueError(f"{p}: give at most one COCO JSON per call (their ids would collide)")
+            coco_seen = True
+            try:
+                imgs, categories, category_of = read_coco_inputs(p, errors)
+            except InputError as err:
+                report_error(errors, str(p), str(err))
+                continue
+            images += imgs
+        elif p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            images += read_folder_inputs([p], errors, first_id=len(images) + 1)
+        elif p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                report_error(errors, str(p), f"the folder holds no {'/'.join(IMAGE_SUFFIXES)} image")
+            images += read_folder_inputs(files, errors, first_id=len(images) + 1)
+        else:
+            report_error(errors, str(p), f"not an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a COCO .json")
+    if coco_seen and len(paths) > 1:
+        raise ValueError("a COCO JSON input cannot be mixed with other inputs in one call")
+    used: set[str] = set()
+    for im in images:
+        key = im.path.stem
+        if key in used:
+            key = f"{key}_{im.image_id}"
+        used.add(key)
+        im.key = key
+    return InputSet(images, errors, categories, category_of)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read image {path}: {err}") from None
+
+
+def read_mask_png(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"mask file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L")) >= 128
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"cannot read mask {path}: {err}") from None
+
+
+def decode_segmentation(seg, h: int, w: int) -> np.ndarray:
+    """A COCO segmentation (RLE with counts as str or list, or polygons) -> bool (h,w)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        rles = mask_utils.frPyObjects(seg, h, w)
+        return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        rh, rw = (int(v) for v in seg["size"])
+        if (rh, rw) != (h, w):
+            raise InputError(f"its RLE is {rh}x{rw} (h x w) but the image is {h}x{w}")
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        if isinstance(rle.get("counts"), str):
+            rle = dict(rle, counts=rle["counts"].encode("ascii"))
+        return mask_utils.decode(rle).astype(bool)
+    raise InputError("'segmentation' must be an RLE dict (size, counts) or a list of polygons")
+
+
+def instance_mask(inst: InstanceInput, h: int, w: int) -> np.ndarray:
+    if inst.mask_path is not None:
+        m = read_mask_png(inst.mask_path)
+        if m.shape != (h, w):
+            raise InputError(f"the mask is {m.shape[0]}x{m.shape[1]} (h x w) but its image is {h}x{w}")
+    else:
+        m = decode_segmentation(inst.segmentation, h, w)
+    if not m.any():
+        raise InputError("the visible mask is empty")
+    return m
+
+
+def resolve_category(inst: InstanceInput, inputs: InputSet) -> int:
+    """CATEGORIES index of an instance: its file-name category, or its COCO category id."""
+    if inst.ann_id is None:
+        try:
+            return category_index(str(inst.category).strip().lower())
+        except ValueError as err:
+            raise InputError(f"{err} (the category is the mask file name up to the first '_')") from None
+    cat = inputs.category_of.get(inst.category)
+    if cat is None:
+        raise InputError(f"unknown category id {inst.category!r}: not in the JSON's 'categories'")
+    if isinstance(cat, str):
+        raise InputError(f"unknown {cat}")
+    return cat
+

@@ -1,0 +1,231 @@
+"""The predict pipeline: load the model, read and crop every instance, run the model
+in batches, paste its masks back and write the outputs (predict_files)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from amodal3d.categories import CATEGORIES
+from amodal3d.predict.crops import OCCLUDER_MODES, make_crops, occluder_masks
+from amodal3d.predict.inputs import (
+    ImageInput, InputError, InputSet, InstanceInput, collect_inputs, instance_mask, read_rgb, report_error,
+    resolve_category,
+)
+from amodal3d.predict.outputs import JSON_NAME, boxes_xywh, encode_rle, save_png, write_json
+from amodal3d.predict.overlay import overlay_image
+from amodal3d.datamodules.composites import mask_boxes
+
+
+def checkpoint_stage(checkpoint: Path) -> str:
+    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False, mmap=True)
+    stage = ((ckpt.get("hyper_parameters") or {}).get("cfg") or {}).get("stage")
+    if not stage:
+        raise ValueError(f"{checkpoint}: not an amodal3d stage checkpoint (no hyper_parameters.cfg.stage)")
+    return str(stage)
+
+
+def load_predictor(checkpoint: str | Path | None = None, experiment: str = "default", root: str = "runs",
+                   device: str | torch.device = "cpu"):
+    """(module, checkpoint): the given checkpoint's stage module, else the Ours model
+    (joint, or refine where joint is not better on validation)."""
+    from amodal3d.bench.ours import load_stage_module, ours_checkpoint
+    from amodal3d.lightning_modules.common import AmodalStage
+
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        stage = checkpoint_stage(path)
+    else:
+        stage, path = ours_checkpoint(experiment, root)
+    module = load_stage_module(stage, path, device)
+    if not isinstance(module, AmodalStage):
+        raise TypeError(f"{path}: stage {stage!r} does not predict amodal masks")
+    return module, path
+
+
+@dataclass
+class PredictReport:
+    images: int
+    instances: int
+    errors: list[dict]
+    seconds: float
+    json_path: Path
+    checkpoint: str = ""
+
+    @property
+    def instances_per_s(self) -> float:
+        return self.instances / self.seconds if self.seconds > 0 else math.nan
+
+
+
+@dataclass
+class _Prepared:
+    image: ImageInput
+    rgb: np.ndarray
+    instances: list[InstanceInput]
+    visible: np.ndarray  # (n,H,W) bool
+    category: np.ndarray  # (n,) CATEGORIES index
+    crops: dict
+
+
+def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, occluder: str,
+             amodal_boxes: bool = True) -> _Prepared | None:
+    try:
+        rgb = read_rgb(img.path)
+    except InputError as err:
+        report_error(inputs.errors, str(img.path), str(err))
+        return None
+    h, w = rgb.shape[:2]
+    if img.size is not None and img.size != (h, w):
+        report_error(inputs.errors, str(img.path),
+                     f"the image is {h}x{w} (h x w) but the JSON says {img.size[0]}x{img.size[1]}")
+        return None
+    if not img.instances:
+        report_error(inputs.errors, str(img.path), "no instance (visible mask) given for this image")
+        return None
+    keep, masks, cats, boxes = [], [], [], []
+    for inst in img.instances:
+        try:
+            cat = resolve_category(inst, inputs)
+            m = instance_mask(inst, h, w)
+            if inst.amodal_bbox is not None and amodal_boxes:
+                x, y, bw, bh = (float(v) for v in inst.amodal_bbox)
+                if not (bw > 0 and bh > 0):
+                    raise InputError(f"amodal_bbox {inst.amodal_bbox} has no area")
+                box = np.array([x, y, x + bw, y + bh], np.float32)
+            else:
+                box = None  # the visible mask's box, computed below for all instances at once
+        except InputError as err:
+            report_error(inputs.errors, inst.source, str(err))
+            continue
+        keep.append(inst)
+        masks.append(m)
+        cats.append(cat)
+        boxes.append(box)
+    if not keep:
+        return None
+    visible = np.stack(masks)
+    if any(b is None for b in boxes):
+        visible_boxes = mask_boxes(visible)
+        boxes = [visible_boxes[j] if b is None else b for j, b in enumerate(boxes)]
+    crops = make_crops(rgb, visible, occluder_masks(visible, occluder), np.stack(boxes), crop_size, margin)
+    if amodal_boxes:
+        crops["amodal_box"] = torch.from_numpy(np.stack(boxes))
+    return _Prepared(img, rgb, keep, visible, np.array(cats, np.int64), crops)
+
+
+@torch.no_grad()
+def _run_model(module, prepared: list[_Prepared], batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    """Amodal probabilities in the crop frame, one (n_i,1,S,S) tensor per prepared image."""
+    keys = [k for k in ("rgb", "visible", "occluded", "crop_box", "amodal_box") if k in prepared[0].crops]
+    allc = {k: torch.cat([p.crops[k] for p in prepared]) for k in keys}
+    allc["category"] = torch.from_numpy(np.concatenate([p.category for p in prepared]))
+    n = allc["category"].shape[0]
+    allc["index"] = torch.arange(n)
+    allc["object_id"] = torch.full((n,), -1, dtype=torch.long)
+    probs = []
+    for lo in range(0, n, batch_size):
+        batch = {k: v[lo:lo + batch_size].to(device) for k, v in allc.items()}
+        probs.append(module.predict_amodal(batch).float().cpu())
+    prob = torch.cat(probs)
+    return list(torch.split(prob, [len(p.instances) for p in prepared]))
+
+
+def _finish(p: _Prepared, prob: torch.Tensor, out: Path, anns: list[dict], images: list[dict]) -> None:
+    from amodal3d.datamodules.crops import paste_crop_to_image
+
+    h, w = p.rgb.shape[:2]
+    amodal = (paste_crop_to_image(prob, p.crops["crop_box"], h, w)[:, 0] > 0.5).numpy() | p.visible
+    for inst, v, a, cat, bbox in zip(p.instances, p.visible, amodal, p.category, boxes_xywh(amodal)):
+        rel = Path("masks") / p.image.key / f"{inst.name}.png"
+        save_png(a.astype(np.uint8) * 255, out / rel)
+        anns.append({
+            "id": inst.ann_id if inst.ann_id is not None else len(anns) + 1,
+            "image_id": p.image.image_id,
+            "category_id": inst.category if inst.ann_id is not None else int(cat) + 1,
+            "category": CATEGORIES[int(cat)],
+            "segmentation": encode_rle(a), "area": int(a.sum()), "bbox": bbox,
+            "visible_area": int(v.sum()), "iscrowd": 0, "score": 1.0,
+            "mask_file": str(rel), "input": inst.source,
+        })
+    save_png(overlay_image(p.rgb, list(p.visible), list(amodal)), out / "overlays" / f"{p.image.key}.png")
+    images.append({"id": p.image.image_id, "file_name": str(p.image.path), "height": h, "width": w,
+                   "overlay": f"overlays/{p.image.key}.png"})
+
+
+def predict_files(
+    inputs,
+    out_dir: str | Path,
+    module=None,
+    checkpoint: str | Path | None = None,
+    experiment: str = "default",
+    root: str = "runs",
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    occluder: str = "auto",
+) -> PredictReport:
+    """Amodal masks of every instance of `inputs` written under out_dir (formats: amodal3d.predict).
+
+    module: an AmodalStage already loaded (else load_predictor(checkpoint, experiment)).
+    The report's seconds cover reading, cropping, the model and writing (not the
+    model load); its errors list every skipped input with the reason."""
+    if occluder not in OCCLUDER_MODES + ("auto",):
+        raise ValueError(f"occluder={occluder!r}: expected auto or one of {', '.join(OCCLUDER_MODES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    device = torch.device(device)
+    ckpt_name = str(checkpoint or "")
+    if module is None:
+        module, path = load_predictor(checkpoint, experiment, root, device)
+        ckpt_name = str(path)
+    module = module.to(device).eval()
+    from amodal3d.protocols import gives_amodal_box, protocol_of
+
+    protocol = protocol_of(module.cfg)
+    box_protocol = gives_amodal_box(protocol)
+    crop_size = int(module.cfg.loader.crop_size)
+    margin = float(module.cfg.loader.crop_margin if box_protocol
+                   else module.cfg.loader.get("visible_crop_margin", module.cfg.loader.crop_margin))
+    if occluder == "auto":
+        occluder = "unknown" if box_protocol else "others"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    inputs = collect_inputs(inputs)
+    anns: list[dict] = []
+    images: list[dict] = []
+    chunk: list[_Prepared] = []
+
+    def flush() -> None:
+        if chunk:
+            for p, prob in zip(chunk, _run_model(module, chunk, batch_size, device)):
+                _finish(p, prob, out, anns, images)
+            chunk.clear()
+
+    for img in inputs.images:
+        p = _prepare(img, inputs, crop_size, margin, occluder, amodal_boxes=box_protocol)
+        if p is not None:
+            chunk.append(p)
+        if sum(len(c.instances) for c in chunk) >= batch_size:
+            flush()
+    flush()
+    doc = {
+        "info": {"description": "amodal masks predicted by amodal3d", "checkpoint": ckpt_name,
+                 "stage": str(module.cfg.stage), "occluder": occluder, "crop_size": crop_size, "crop_margin": margin,
+                 "protocol": protocol,
+                 "box": ("amodal_bbox when the input gives one, else the box of the visible mask" if box_protocol
+                         else "the box of the visible mask")},
+        "images": images, "categories": inputs.categories, "annotations": anns, "errors": inputs.errors,
+    }
+    json_path = out / JSON_NAME
+    write_json(doc, json_path)
+    seconds = time.perf_counter() - t0
+    return PredictReport(len(images), len(anns), inputs.errors, seconds, json_path, ckpt_name)
+
