@@ -114,7 +114,7 @@ class JointStage(RefineStage):
         """(coarse mask (B,1,S,S), recon's label-free loss terms) from one prior forward pass.
 
         Without a recon net in the prior, or with it frozen, only the coarse mask."""
-        from amodal3d.lightning_modules.refine import to_crop_size
+        from amodal3d.models.shape_prior import to_crop_size
         from amodal3d.models.recon_losses import MeshRegularisers, azimuth_uniformity, resize_mask, silhouette_loss
 
         net = getattr(self.prior, "recon_net", None)

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -50,6 +49,7 @@ from amodal3d.lightning_modules.checkpoints import checkpoint_model_config, depe
 from amodal3d.lightning_modules.common import AmodalStage
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.models.refine_net import GATES, RefineNet, region_losses
+from amodal3d.models.shape_prior import ReconShapePrior, RenderShapePrior, ShapePrior, recon_net_from_spec
 
 PRIOR_KINDS = ("auto", "render", "recon", "none")
 CAMERA_SOURCES = ("predicted", "true")
@@ -78,97 +78,6 @@ class RefineModelConfig:
 
 
 # ----------------------------------------------------------------------------- priors
-
-
-class ReconShapePrior(nn.Module):
-    """The recon stage's mesh + camera rendered in the crop frame: the coarse mask
-    when the render stage is not available (the recon net already places its
-    render on the amodal box, models.mesh_renderer.fit_placement)."""
-
-    def __init__(self, net: nn.Module, render_size: int = 32) -> None:
-        super().__init__()
-        if int(render_size) < 8:
-            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
-        self.net = net
-        self.render_size = int(render_size)
-
-    @property
-    def recon_net(self) -> nn.Module:
-        return self.net
-
-    def stage_modules(self) -> dict[str, nn.Module]:
-        return {"recon": self.net}
-
-    def camera(self, batch: dict) -> torch.Tensor:
-        """(B,3) predicted azimuth, elevation, distance."""
-        return self.net(batch)["camera"]
-
-    def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """(silhouette (B,r,r) at render_size, the recon net's outputs) for the predicted
-        camera, or for `camera` (B,3) with the placement refitted to the amodal box."""
-        from amodal3d.models.mesh_renderer import fit_placement
-
-        out = self.net(batch)
-        place = out["place"]
-        if camera is not None:
-            camera = camera.to(out["verts"].dtype)
-            place = fit_placement(out["verts"], camera, out["box"], self.net.renderer.fov)
-        else:
-            camera = out["camera"]
-        sil = self.net.renderer(out["verts"], self.net.faces, camera, place, self.render_size)
-        return sil, out
-
-    def coarse_mask(self, batch: dict, camera: torch.Tensor | None = None) -> torch.Tensor:
-        sil, _ = self.render_outputs(batch, camera)
-        return to_crop_size(sil[:, None], int(self.net.crop_size))
-
-
-class RenderShapePrior(nn.Module):
-    """The render stage's ShapePrior (recon mesh, chosen camera, learned placement) with
-    the interface refine uses: coarse_mask at prior_render_size, camera, rendering
-    from a given camera, and its parts by stage for joint's parameter groups."""
-
-    def __init__(self, shape_prior: nn.Module, render_size: int = 32) -> None:
-        super().__init__()
-        if int(render_size) < 8:
-            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
-        self.shape = shape_prior
-        self.render_size = int(render_size)
-
-    @property
-    def recon_net(self) -> nn.Module:
-        return self.shape.recon
-
-    def stage_modules(self) -> dict[str, nn.Module]:
-        parts = {"recon": self.shape.recon, "render": self.shape.placement}
-        if self.shape.viewpoint is not None:
-            parts["viewpoint"] = self.shape.viewpoint
-        return parts
-
-    def camera(self, batch: dict) -> torch.Tensor:
-        return self.shape(batch)["camera"]
-
-    def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        out = self.shape(batch)
-        if camera is not None:
-            from amodal3d.models.placement import box_placement
-
-            camera = camera.to(out["verts"].dtype)
-            out = dict(out, camera=camera)
-            out["place"] = box_placement(out["verts"], camera, out["target"], self.shape.fit,
-                                         self.shape.recon.renderer.fov)
-        return self.shape.render(out, self.render_size)[:, 0], out
-
-    def coarse_mask(self, batch: dict, camera: torch.Tensor | None = None) -> torch.Tensor:
-        sil, _ = self.render_outputs(batch, camera)
-        return to_crop_size(sil[:, None], int(self.shape.crop_size))
-
-
-def to_crop_size(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,1,r,r) -> (B,1,size,size), bilinear (a coarse prior needs no more)."""
-    if mask.shape[-1] == size:
-        return mask
-    return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 def prior_experiment(cfg: DictConfig) -> str:
@@ -242,12 +151,8 @@ def prior_from_source(cfg: DictConfig, source: dict) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "recon":
-        from amodal3d.lightning_modules.viewpoint import recon_net_from_spec
-
         return ReconShapePrior(recon_net_from_spec(source).eval(), int(cfg.model.prior_render_size))
     if kind == "render" and "spec" in source:  # rebuilt from its spec: no checkpoint file needed
-        from amodal3d.lightning_modules.render import ShapePrior
-
         return RenderShapePrior(ShapePrior(source["spec"]), int(cfg.model.prior_render_size))
     if kind == "render":  # written before the spec was stored: rebuilt from its render checkpoint
         from amodal3d.lightning_modules.render import shape_prior_from_checkpoint

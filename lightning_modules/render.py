@@ -32,8 +32,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from pytorch3d.structures import Meshes
-from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from amodal3d.categories import CATEGORIES
@@ -42,17 +40,14 @@ from amodal3d.lightning_modules.checkpoints import dependency, optional_dependen
 from amodal3d.lightning_modules.common import AmodalStage, as_config
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.lightning_modules.viewpoint import (
-    ViewpointNet,
     ViewpointStage,
     check_crop_geometry,
-    estimator_camera,
-    freeze_,
     load_recon_dependency,
     read_viewpoint_checkpoint,
-    recon_net_from_spec,
 )
-from amodal3d.models.mesh_renderer import fit_placement, make_silhouette_renderer, project
-from amodal3d.models.placement import FIT_MODES, PlacementHead, adjust_box, box_placement, placed_cameras, placed_extent
+from amodal3d.models.mesh_renderer import fit_placement
+from amodal3d.models.placement import FIT_MODES, placed_extent
+from amodal3d.models.shape_prior import ShapePrior, freeze_
 from amodal3d.models.recon_losses import resize_mask, silhouette_loss, visible_iou
 
 CAMERA_SOURCES = ("auto", "recon", "viewpoint")
@@ -111,89 +106,6 @@ def choose_camera_source(requested: str, recon_checkpoint: str | Path, viewpoint
 
 
 # -- the shape prior ----------------------------------------------------------------------------
-
-
-class ShapePrior(nn.Module):
-    """Crop batch -> mesh, camera, placement and the coarse amodal mask in the crop frame.
-
-    Built from a plain `spec` dict (ShapePrior(spec); `prior.spec` gives it back), so a
-    module holding a ShapePrior can rebuild it from its own hyperparameters and take the
-    weights from its own state_dict. recon and the viewpoint estimator are always
-    frozen (eval mode, no gradients); the placement head is trainable until frozen.
-    Reads batch keys rgb, visible, occluded, category, crop_box (and amodal_box under
-    gt-box, through recon's box) only."""
-
-    def __init__(self, spec: dict) -> None:
-        super().__init__()
-        if spec["camera_source"] not in ("recon", "viewpoint"):
-            raise ValueError(f"ShapePrior spec camera_source={spec['camera_source']!r}: expected recon or viewpoint")
-        if spec["fit"] not in FIT_MODES:
-            raise ValueError(f"model.fit={spec['fit']!r}: expected one of {', '.join(FIT_MODES)}")
-        self.spec = spec
-        self.recon = freeze_(recon_net_from_spec(spec["recon"]))
-        self.viewpoint = (freeze_(ViewpointNet.from_spec(spec["viewpoint"]))
-                          if spec["camera_source"] == "viewpoint" else None)
-        p = spec["placement"]
-        self.placement = PlacementHead(
-            self.recon.encoder.feat_dim, len(CATEGORIES), geometry_dim=2, hidden=int(p["hidden"]),
-            max_log_scale=float(p["max_log_scale"]), max_shift=float(p["max_shift"]),
-        )
-        self.fit = spec["fit"]
-        self._renderers: dict[int, nn.Module] = {}
-
-    @property
-    def crop_size(self) -> int:
-        return self.recon.crop_size
-
-    @property
-    def faces(self) -> torch.Tensor:
-        return self.recon.faces
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for name in ("recon", "viewpoint"):
-            if self._modules.get(name) is not None:
-                self._modules[name].eval()
-        return self
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """dict(verts (B,V,3), faces (F,3), camera (B,3) from the chosen source, box (B,4) NDC
-        amodal box, target (B,4) box after the residual, residual (B,4), place (B,4)
-        sx/sy/tx/ty, feat (B,D))."""
-        if self.viewpoint is None:  # recon's own inference: its camera selection included
-            rec = self.recon(batch)
-            verts, box, camera = rec["verts"], rec["box"], rec["camera"]
-        else:
-            rec = self.recon.encode(self.recon.inputs(batch), batch["category"])
-            verts, box = rec["verts"], self.recon.target_box(batch, rec["feat"])
-            camera = estimator_camera(self.recon, self.viewpoint.predict(batch), verts, batch, box)
-        p = project(verts, camera, self.recon.renderer.fov)
-        extent = (p.max(dim=1).values - p.min(dim=1).values).clamp_min(1e-4)
-        geometry = torch.stack([torch.log(extent[:, 0] / extent[:, 1]),
-                                torch.log(box[:, 2].clamp_min(1e-4) / box[:, 3].clamp_min(1e-4))], dim=1)
-        residual = self.placement(rec["feat"], batch["category"], geometry)
-        target = adjust_box(box, residual)
-        place = box_placement(verts, camera, target, self.fit, self.recon.renderer.fov)
-        return {"verts": verts, "faces": self.faces, "camera": camera, "box": box, "target": target,
-                "residual": residual, "place": place, "feat": rec["feat"]}
-
-    def _renderer(self, size: int) -> nn.Module:
-        if size not in self._renderers:
-            r = self.recon.renderer
-            self._renderers[size] = make_silhouette_renderer(size, sigma=r.sigma, faces_per_pixel=r.faces_per_pixel,
-                                                             backend=r.backend)
-        return self._renderers[size]
-
-    def render(self, out: dict, size: int | None = None) -> torch.Tensor:
-        """(B,1,S,S) soft silhouettes of forward()'s output (S = crop size by default)."""
-        verts = out["verts"]
-        meshes = Meshes(verts=verts, faces=self.faces[None].expand(verts.shape[0], -1, -1))
-        cams = placed_cameras(out["camera"], out["place"], self.recon.renderer.fov)
-        return self._renderer(int(size or self.crop_size))(meshes, cams)[:, None]
-
-    def coarse_mask(self, batch: dict, size: int | None = None) -> torch.Tensor:
-        """(B,1,S,S) coarse amodal-mask probabilities in the crop frame of `batch`."""
-        return self.render(self(batch), size)
 
 
 # -- the stage ----------------------------------------------------------------------------------

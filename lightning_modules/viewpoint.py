@@ -34,28 +34,27 @@ seeds (`val/synth_camera_loss`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.protocols import LEGACY_PROTOCOL, gives_amodal_box, monitor_unknown, protocol_of
 from amodal3d.lightning_modules.checkpoints import checkpoint_hparams, dependency, read_checkpoint
 from amodal3d.lightning_modules.common import AmodalStage, as_config
-from amodal3d.lightning_modules.recon import ReconModelConfig, load_recon
+from amodal3d.lightning_modules.recon import load_recon
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.metrics.camera import camera_errors
-from amodal3d.models.camera_head import CameraHead
-from amodal3d.models.encoder import CropEncoder, crop_channels
 from amodal3d.models.mesh_renderer import centred_box_ndc, fit_placement, mask_boxes
 from amodal3d.models.occlusion_synth import OccluderParams, synth_occluders
 from amodal3d.models.recon_losses import camera_loss, sample_cameras, visible_iou
 from amodal3d.models.recon_net import ReconNet
+from amodal3d.models.shape_prior import freeze_, recon_net_from_spec
+from amodal3d.models.viewpoint_net import ViewpointNet, estimator_camera
 
 
 @dataclass
@@ -77,15 +76,6 @@ class ViewpointModelConfig:
 # -- the frozen recon dependency ---------------------------------------------------------------
 
 
-def recon_net_from_spec(spec: dict) -> ReconNet:
-    """An (untrained) ReconNet of a recon dependency spec {"model": ..., "crop_size": ...};
-    keys recon added since the spec was written take recon's defaults, keys it dropped
-    are carried along unread."""
-    model = OmegaConf.merge(OmegaConf.create(asdict(ReconModelConfig())), spec["model"])
-    return ReconNet(model, num_categories=len(CATEGORIES), crop_size=int(spec["crop_size"]),
-                    protocol=spec.get("protocol", LEGACY_PROTOCOL))
-
-
 def load_recon_dependency(checkpoint: str | Path) -> tuple[ReconNet, dict]:
     """The frozen ReconNet of a recon checkpoint and the spec that rebuilds it."""
     checkpoint = Path(checkpoint)
@@ -104,14 +94,6 @@ def load_recon_dependency(checkpoint: str | Path) -> tuple[ReconNet, dict]:
     return net, spec
 
 
-def freeze_(module: nn.Module) -> nn.Module:
-    """Eval mode and no gradients (BatchNorm statistics stay those of the checkpoint)."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
 def check_crop_geometry(cfg: DictConfig, recon_spec: dict) -> None:
     """A frozen recon only places meshes correctly in crops built like its own."""
     if protocol_of(cfg) != recon_spec.get("protocol", LEGACY_PROTOCOL):
@@ -128,86 +110,6 @@ def check_crop_geometry(cfg: DictConfig, recon_spec: dict) -> None:
 
 
 # -- the estimator -----------------------------------------------------------------------------
-
-
-class ViewpointNet(nn.Module):
-    """Visible + occluded masks (+ category) -> camera, with recon's encoder and head classes.
-
-    forward(visible, occluded, category) -> CameraHead's dict (camera (B,3), hypotheses
-    (B,K,3), logits (B,K), best) plus feat (B,D). The encoder's RGB channels are fed zeros."""
-
-    def __init__(
-        self,
-        backbone: str,
-        feat_dim: int,
-        hypotheses: int,
-        elevation_range: tuple[float, float],
-        distance_range: tuple[float, float],
-        num_categories: int = len(CATEGORIES),
-    ) -> None:
-        super().__init__()
-        self.spec = {
-            "backbone": str(backbone), "feat_dim": int(feat_dim), "hypotheses": int(hypotheses),
-            "elevation_range": [float(v) for v in elevation_range],
-            "distance_range": [float(v) for v in distance_range],
-        }
-        self.encoder = CropEncoder(backbone=str(backbone), in_chans=5, feat_dim=int(feat_dim),
-                                   num_categories=num_categories)
-        self.camera_head = CameraHead(int(feat_dim), hypotheses=int(hypotheses),
-                                      elevation_range=tuple(elevation_range), distance_range=tuple(distance_range))
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "ViewpointNet":
-        return cls(spec["backbone"], spec["feat_dim"], spec["hypotheses"],
-                   tuple(spec["elevation_range"]), tuple(spec["distance_range"]))
-
-    @staticmethod
-    def channels(visible: torch.Tensor, occluded: torch.Tensor) -> torch.Tensor:
-        """(B,5,S,S) input: zero RGB, visible, occluded."""
-        b, _, h, w = visible.shape
-        return crop_channels(visible.new_zeros(b, 3, h, w), visible, occluded, True)
-
-    def forward(self, visible: torch.Tensor, occluded: torch.Tensor, category: torch.Tensor) -> dict:
-        feat = self.encoder(self.channels(visible, occluded), category)
-        out = self.camera_head(feat)
-        out["feat"] = feat
-        return out
-
-    def predict(self, batch: dict) -> dict:
-        """The estimator on a crop batch (reads visible, occluded, category only)."""
-        return self(batch["visible"], batch["occluded"], batch["category"])
-
-    def init_from(self, recon: ReconNet) -> list[str]:
-        """Copy recon's encoder (and camera head when the shapes agree); names what was copied."""
-        copied = []
-        if recon.encoder.in_chans != self.encoder.in_chans:
-            raise ValueError(
-                "model.init_from_recon=true needs a recon trained with use_occluded=true (5 input channels, "
-                f"this one has {recon.encoder.in_chans}); set model.init_from_recon=false"
-            )
-        try:
-            self.encoder.load_state_dict(recon.encoder.state_dict())
-        except RuntimeError as err:
-            raise ValueError(
-                f"model.init_from_recon=true but the estimator differs from recon's encoder ({err}); use recon's "
-                "backbone and feat_dim or set model.init_from_recon=false"
-            ) from None
-        copied.append("encoder")
-        head = recon.camera_head
-        if head.k == self.camera_head.k:
-            self.camera_head.load_state_dict(head.state_dict())
-            copied.append("camera_head")
-        return copied
-
-
-def estimator_camera(recon: ReconNet, out: dict, verts: torch.Tensor, batch: dict, box: torch.Tensor) -> torch.Tensor:
-    """(B,3) the estimator's camera, picked among its K hypotheses by recon's own
-    inference rule (ReconNet.select_camera: the one whose render of the mesh best
-    explains the visible mask outside occluded pixels; no labels); K = 1: its only one."""
-    if out["hypotheses"].shape[1] == 1:
-        return out["hypotheses"][:, 0]
-    camera, _ = recon.select_camera({"hypotheses": out["hypotheses"], "verts": verts}, batch, box)
-    return camera
 
 
 # -- self-generated data -----------------------------------------------------------------------

@@ -3,10 +3,12 @@
 A plain nn.Module, apart from the `recon` LightningModule (lightning_modules.recon)
 that trains it, so the stages that consume a frozen recon (viewpoint, render,
 refine) depend on the network only. Its config `m` is any attribute-style config
-with the fields of lightning_modules.recon.ReconModelConfig (the stage's schema).
+with the fields of ReconModelConfig (below; the recon stage's `model` schema).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -174,3 +176,47 @@ class ReconNet(nn.Module):
         out = self(batch)
         sil = self.renderer(out["verts"], self.faces, out["camera"], out["place"], size or self.crop_size)
         return sil[:, None]
+
+
+@dataclass
+class ReconModelConfig:
+    backbone: str = "resnet10t"  # any timm model name; always built with pretrained=False
+    feat_dim: int = 256
+    use_occluded: bool = True  # the occluded mask is an encoder input channel
+    ico_level: int = 3  # icosphere subdivision: 3 = 642 vertices
+    radius: float = 0.5  # RMS radius every mesh is normalised to
+    max_offset: float = 0.2  # bound of the per-instance vertex offsets (tanh)
+    camera_hypotheses: int = 1  # > 1: camera multiplex, the best-fitting hypothesis is used
+    select_size: int = 16  # resolution at which the multiplex hypotheses are compared
+    select_prior: float = 0.0  # weight of the score's -log p in the selection: breaks near-ties consistently
+    select_tie_margin: float = 0.0  # > 0: hypotheses within this silhouette loss of the best tie; the score picks
+    select_tie_start_step: int = 0  # training step from which the score breaks those ties (before: at random)
+    elevation_range: list[float] = field(default_factory=lambda: [0.0, 60.0])
+    distance_range: list[float] = field(default_factory=lambda: [2.2, 3.2])
+    render_size: int = 32  # resolution of the silhouette losses
+    sigma: float = 1e-4  # soft-rasteriser sharpness
+    faces_per_pixel: int = 10
+    renderer_backend: str = "sparse"  # sparse | pytorch3d | auto/fast (models.soft_silhouette)
+    template_lr_mult: float = 10.0  # the templates are few parameters with a long way to go
+    w_hypothesis: float = 0.1  # multiplex: the score learns to rank the best-fitting hypothesis first
+    rgb_dropout: float = 0.3  # P(crop RGB zeroed) in training: the cycle renders have no RGB
+    w_iou: float = 1.0
+    w_mse: float = 1.0
+    w_swap: float = 1.0
+    w_shape_consistency: float = 1.0
+    w_laplacian: float = 10.0  # the regularisers are means over vertices/edges
+    w_normal: float = 0.5
+    w_edge: float = 0.5
+    w_azimuth_uniform: float = 0.5
+    w_cycle_camera: float = 0.5
+    w_cycle_shape: float = 1.0
+    offset_warmup_steps: int = 300  # instance offsets off: template + camera must fit the silhouettes
+    offset_ramp_steps: int = 200  # then the offsets fade in linearly
+    cycle_start_step: int = 300  # the cycle starts once the templates carry shape
+    mesh_log_every_n_epochs: int = 5  # TensorBoard meshes (images: run.image_log_every_n_epochs)
+    max_train_minutes: float = 0.0  # > 0: stop fitting after this wall-clock time (lightning Timer)
+    w_colour: float = 0.0  # > 0: category colour templates (models.appearance), fitted with this weight
+    colour_select: float = 1.0  # weight of their colour error in the multiplex choice (with w_colour > 0)
+    colour_init_noise: float = 0.0  # std of the colour templates' initial logits (0: uniform grey, no bias)
+    box_max_log_scale: float = 1.1  # gt-visible: bound of the predicted box's log-scale residual over the visible box
+    box_max_shift: float = 0.75  # gt-visible: bound of its shift, in visible-box sides

@@ -18,7 +18,8 @@ from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset
 from amodal3d.lightning_modules.joint import JointStage
 from amodal3d.bench.ours import load_stage_module, ours_checkpoint
 from amodal3d.dependencies import resolve_checkpoints
-from amodal3d.lightning_modules.refine import ReconShapePrior, RefineStage
+from amodal3d.lightning_modules.refine import RefineStage
+from amodal3d.models.shape_prior import ReconShapePrior
 from test_refine import RECON_SMALL, SMALL, data_ov, write_run
 
 

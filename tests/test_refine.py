@@ -22,15 +22,10 @@ from amodal3d.config import load_config, save_config
 from amodal3d.bench.ours import OURS, OURS_TRUE_CAMERA, ours_checkpoint, ours_rows
 from amodal3d.bench.true_camera import fit_camera_map
 from amodal3d.dependencies import resolve_checkpoints
-from amodal3d.lightning_modules.refine import (
-    ReconShapePrior,
-    RefineStage,
-    RenderShapePrior,
-    build_prior,
-    map_true_camera,
-)
+from amodal3d.lightning_modules.refine import RefineStage, build_prior, map_true_camera
 from amodal3d.lightning_modules.refine_2d import Refine2DStage
 from amodal3d.models.refine_net import RefineNet, loss_regions, region_losses, soft_edges
+from amodal3d.models.shape_prior import ReconShapePrior, RenderShapePrior
 from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset, tiny_overrides
 
 S = 32

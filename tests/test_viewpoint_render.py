@@ -19,13 +19,9 @@ from amodal3d.config import load_config, save_config
 from amodal3d.dependencies import resolve_checkpoints
 from amodal3d.runs import SUMMARY
 from amodal3d.lightning_modules.recon import ReconStage
-from amodal3d.lightning_modules.render import (
-    RenderStage,
-    ShapePrior,
-    choose_camera_source,
-    shape_prior_from_checkpoint,
-)
-from amodal3d.lightning_modules.viewpoint import ViewpointStage, recon_net_from_spec, synthesise
+from amodal3d.lightning_modules.render import RenderStage, choose_camera_source, shape_prior_from_checkpoint
+from amodal3d.lightning_modules.viewpoint import ViewpointStage, synthesise
+from amodal3d.models.shape_prior import ShapePrior, recon_net_from_spec
 from amodal3d.models.mesh_renderer import fit_placement, make_cameras, make_silhouette_renderer, pixel_box_to_ndc, project
 from amodal3d.models.occlusion_synth import OccluderParams, occlusion_ratio, synth_occluders
 from amodal3d.models.placement import PlacementHead, adjust_box, box_placement, placed_cameras, placed_extent
@@ -209,7 +205,7 @@ def test_viewpoint_training_step_reads_no_hidden_labels_and_keeps_recon_frozen(r
 
 
 def test_estimator_camera_uses_recons_selection_rule(batch):
-    from amodal3d.lightning_modules.viewpoint import estimator_camera
+    from amodal3d.models.viewpoint_net import estimator_camera
 
     torch.manual_seed(0)
     recon = recon_net_from_spec({"model": {"feat_dim": 32, "camera_hypotheses": 3, "select_size": 16},
