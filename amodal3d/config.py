@@ -89,8 +89,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "cosine"  # cosine | none
-    warmup_epochs: int = 0
+    scheduler: str = "cosine"  # cosine (stepped per epoch) | none
 
 
 @dataclass

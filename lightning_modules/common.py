@@ -14,8 +14,11 @@ from abc import ABC, abstractmethod
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from amodal3d.categories import CATEGORIES
+
+SPLITS = ("val", "test")
 
 
 def as_config(cfg) -> DictConfig:
@@ -79,11 +82,51 @@ class AmodalStage(L.LightningModule, ABC):
         )
         return image_prob
 
+    # -- the evaluation pattern every stage shares -------------------------------------------
+    def add_eval_metrics(self, **factories) -> None:
+        """Metrics a stage reports beside the amodal mIoU, one copy per split (val, test):
+        name -> a callable building a torchmetrics Metric. They are updated by
+        `update_eval_metrics` and logged at epoch end through `eval_logs`."""
+        self.eval_metrics = nn.ModuleDict(
+            {split: nn.ModuleDict({name: make() for name, make in factories.items()}) for split in SPLITS}
+        )
+
+    def update_eval_metrics(self, batch: dict, batch_idx: int, split: str, metrics: nn.ModuleDict) -> None:
+        """Update the stage's extra metrics with a batch just scored (after predict_amodal)."""
+
+    def eval_logs(self, split: str, name: str, value) -> dict[str, torch.Tensor]:
+        """The logged keys of one computed extra metric: `<split>/<name>`, or one key per
+        entry of a dict-valued metric."""
+        if isinstance(value, dict):
+            return {f"{split}/{k}": v for k, v in value.items()}
+        return {f"{split}/{name}": value}
+
+    def on_eval_epoch_end(self, split: str, logged: dict[str, float]) -> None:
+        """After a split's figures are logged (e.g. to keep the val ones in the checkpoint)."""
+
+    def _eval_step(self, batch: dict, batch_idx: int, split: str) -> None:
+        self.evaluate_batch(batch, self.val_metric if split == "val" else self.test_metric)
+        metrics = getattr(self, "eval_metrics", None)
+        if metrics is not None:
+            self.update_eval_metrics(batch, batch_idx, split, metrics[split])
+
+    def _eval_epoch_end(self, split: str) -> None:
+        self._log_metric(self.val_metric if split == "val" else self.test_metric, split)
+        logged: dict[str, float] = {}
+        metrics = getattr(self, "eval_metrics", None)
+        for name, metric in (metrics[split].items() if metrics is not None else ()):
+            if metric.update_count:  # a split without batches logs nothing
+                for key, value in self.eval_logs(split, name, metric.compute()).items():
+                    self.log(key, value, sync_dist=False)
+                    logged[key] = float(value)
+            metric.reset()
+        self.on_eval_epoch_end(split, logged)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluate_batch(batch, self.val_metric)
+        self._eval_step(batch, batch_idx, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluate_batch(batch, self.test_metric)
+        self._eval_step(batch, batch_idx, "test")
 
     def _log_metric(self, metric, prefix: str) -> None:
         res = metric.compute()
@@ -96,10 +139,17 @@ class AmodalStage(L.LightningModule, ABC):
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metric(self.val_metric, "val")
+        self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metric(self.test_metric, "test")
+        self._eval_epoch_end("test")
+
+    def image_logging_callbacks(self, **kw) -> list:
+        """The TensorBoard image (and mesh) logging every stage runs, every
+        run.image_log_every_n_epochs epochs."""
+        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
+
+        return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs), **kw)]
 
     def configure_optimizers(self):
         return build_optimizer(self, self.cfg)

@@ -92,11 +92,8 @@ class ReconStage(AmodalStage):
         self.regularisers = MeshRegularisers(self.net.faces, self.net.decoder.num_verts)
         self.el_range = tuple(float(v) for v in m.elevation_range)
         self.dist_range = tuple(float(v) for v in m.distance_range)
-        self.val_visible_iou = MeanMetric()
-        self.test_visible_iou = MeanMetric()
-        # per instance: category, az/el/dist predicted, az/el/dist true, chamfer (NaN: no true mesh)
-        self.val_cameras = CameraError(len(CATEGORIES))
-        self.test_cameras = CameraError(len(CATEGORIES))
+        # cameras: per instance category, az/el/dist predicted and true, chamfer (NaN: no true mesh), same views
+        self.add_eval_metrics(visible_iou=MeanMetric, cameras=lambda: CameraError(len(CATEGORIES)))
         self._last: dict | None = None
         self._true_meshes = None
 
@@ -212,21 +209,14 @@ class ReconStage(AmodalStage):
         return out["verts"], self.net.faces
 
     # -- evaluation -----------------------------------------------------------------------
-    def _evaluate(self, batch: dict, split: str, metric, vis_metric, cam_metric) -> None:
-        self.evaluate_batch(batch, metric)
+    def update_eval_metrics(self, batch: dict, batch_idx: int, split: str, metrics) -> None:
         out, sil = self._last["out"], self._last["sil"]
-        vis_metric.update(visible_iou(sil, batch["visible"], monitor_unknown(batch)))
+        metrics["visible_iou"].update(visible_iou(sil, batch["visible"], monitor_unknown(batch)))
         true = batch["eval_camera"].float()
         chamfer, same = self._chamfer(out, batch, split), self._same_views(batch, split)
-        cam_metric.update(torch.cat(
+        metrics["cameras"].update(torch.cat(
             [batch["category"].float()[:, None], out["camera"].detach(), true, chamfer[:, None], same], dim=1
         ))
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metric, self.val_visible_iou, self.val_cameras)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metric, self.test_visible_iou, self.test_cameras)
 
     def _truth(self) -> "TrueMeshes | bool":
         """The dataset's true meshes (False: none), looked up once."""
@@ -255,24 +245,6 @@ class ReconStage(AmodalStage):
             same = self._truth().same_views(split, batch["object_id"].cpu(), batch["eval_camera"][:, 0].cpu())
         return torch.zeros((len(batch["eval_camera"]), 0), device=dev) if same is None else same.to(dev)
 
-    def _log_cameras(self, cam_metric: CameraError, prefix: str) -> None:
-        errors = cam_metric.compute() if cam_metric.update_count else {}
-        cam_metric.reset()
-        for k, v in errors.items():
-            self.log(f"{prefix}/{k}", v, sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self.log("val/visible_iou", self.val_visible_iou.compute())
-        self.val_visible_iou.reset()
-        self._log_cameras(self.val_cameras, "val")
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self.log("test/visible_iou", self.test_visible_iou.compute())
-        self.test_visible_iou.reset()
-        self._log_cameras(self.test_cameras, "test")
-
     def configure_optimizers(self):
         # the templates (shape, and colour if any) are few parameters with a long way to go
         template = [self.net.decoder.template]
@@ -288,14 +260,7 @@ class ReconStage(AmodalStage):
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import Timer
 
-        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
-
-        callbacks = [
-            TensorBoardImages(
-                every_n_epochs=int(self.cfg.run.image_log_every_n_epochs),
-                mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs),
-            )
-        ]
+        callbacks = self.image_logging_callbacks(mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))
         minutes = float(self.m.max_train_minutes)
         if minutes > 0:
             callbacks.append(Timer(duration={"minutes": minutes}, interval="step"))

@@ -52,7 +52,6 @@ from amodal3d.models.refine_net import GATES, RefineNet, region_losses
 from amodal3d.models.shape_prior import ReconShapePrior, RenderShapePrior, ShapePrior, recon_net_from_spec
 
 PRIOR_KINDS = ("auto", "render", "recon", "none")
-CAMERA_SOURCES = ("predicted", "true")
 PRIOR_STAGES = ("recon", "viewpoint", "render")
 
 
@@ -226,7 +225,7 @@ class RefineStage(AmodalStage):
         self._last_coarse: torch.Tensor | None = None
         from amodal3d.metrics.amodal_iou import AmodalMIoU
 
-        self.val_coarse_metric = AmodalMIoU(num_categories=len(CATEGORIES))
+        self.add_eval_metrics(coarse_miou=lambda: AmodalMIoU(num_categories=len(CATEGORIES)))  # the prior's own mask
 
     # -- the prior ------------------------------------------------------------------------
     def prior_stage_modules(self) -> dict[str, nn.Module]:
@@ -345,25 +344,21 @@ class RefineStage(AmodalStage):
         self._last_coarse = coarse
         return self.net(batch["rgb"], batch["visible"], batch["occluded"], coarse)["prob"]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def update_eval_metrics(self, batch: dict, batch_idx: int, split: str, metrics) -> None:
         from amodal3d.datamodules.crops import paste_crop_to_image
 
-        self.evaluate_batch(batch, self.val_metric)
+        if self.prior is None:  # the 2D-only ablation has no coarse mask to score
+            return
         h, w = batch["image_visible"].shape[-2:]
         coarse = paste_crop_to_image(self._last_coarse, batch["crop_box"], h, w)
-        self.val_coarse_metric.update(coarse > 0.5, batch["eval_image_amodal"] > 0.5, batch["image_visible"] > 0.5,
+        metrics["coarse_miou"].update(coarse > 0.5, batch["eval_image_amodal"] > 0.5, batch["image_visible"] > 0.5,
                                       batch["category"])
 
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if self.prior is not None and self.val_coarse_metric.update_count:
-            self.log("val/coarse_miou", self.val_coarse_metric.compute()["miou"])
-        self.val_coarse_metric.reset()
+    def eval_logs(self, split: str, name: str, value) -> dict:
+        return {f"{split}/coarse_miou": value["miou"]} if name == "coarse_miou" else super().eval_logs(split, name, value)
 
     def configure_callbacks(self):
-        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
-
-        return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs))]
+        return self.image_logging_callbacks()
 
 
 # ----------------------------------------------------------------------------- true camera (evaluation only)

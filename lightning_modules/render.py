@@ -181,9 +181,8 @@ class RenderStage(AmodalStage):
         self.deps = deps
         from amodal3d.metrics.amodal_iou import AmodalMIoU
 
-        self.val_base = AmodalMIoU(num_categories=len(CATEGORIES))
-        self.test_base = AmodalMIoU(num_categories=len(CATEGORIES))
-        self.val_visible_iou, self.test_visible_iou = MeanMetric(), MeanMetric()
+        # recon_render: recon's own rendering (its camera, single-scale fit), the row this stage improves on
+        self.add_eval_metrics(visible_iou=MeanMetric, recon_render=lambda: AmodalMIoU(num_categories=len(CATEGORIES)))
         self._last: dict | None = None
 
     # -- training -------------------------------------------------------------------------------
@@ -220,11 +219,10 @@ class RenderStage(AmodalStage):
         return self.prior(batch)["verts"], self.prior.faces
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _evaluate(self, batch: dict, metric, base, vis) -> None:
+    def update_eval_metrics(self, batch: dict, batch_idx: int, split: str, metrics) -> None:
         from amodal3d.datamodules.crops import paste_crop_to_image
 
-        self.evaluate_batch(batch, metric)
-        vis.update(visible_iou(self._last["sil"], batch["visible"], monitor_unknown(batch)))
+        metrics["visible_iou"].update(visible_iou(self._last["sil"], batch["visible"], monitor_unknown(batch)))
         # recon's own rendering (its camera, single-scale fit): the row this stage improves on
         recon = self.prior.recon
         if self.prior.viewpoint is None:  # same mesh and camera as ours: only the placement differs
@@ -235,36 +233,16 @@ class RenderStage(AmodalStage):
             plain = recon.silhouette(batch)
         h, w = batch["image_visible"].shape[-2:]
         image_prob = paste_crop_to_image(plain.float(), batch["crop_box"], h, w)
-        base.update(image_prob > 0.5, batch["eval_image_amodal"] > 0.5, batch["image_visible"] > 0.5,
-                    batch["category"])
+        metrics["recon_render"].update(image_prob > 0.5, batch["eval_image_amodal"] > 0.5,
+                                       batch["image_visible"] > 0.5, batch["category"])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metric, self.val_base, self.val_visible_iou)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metric, self.test_base, self.test_visible_iou)
-
-    def _epoch_end(self, prefix: str, base, vis) -> None:
-        self.log(f"{prefix}/visible_iou", vis.compute())
-        vis.reset()
-        res = base.compute()
-        self.log(f"{prefix}/miou_recon_render", res["miou"], sync_dist=False)
-        self.log(f"{prefix}/miou_occ_recon_render", res["miou_occ"], sync_dist=False)
-        base.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._epoch_end("val", self.val_base, self.val_visible_iou)
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._epoch_end("test", self.test_base, self.test_visible_iou)
+    def eval_logs(self, split: str, name: str, value) -> dict:
+        if name == "recon_render":
+            return {f"{split}/miou_recon_render": value["miou"], f"{split}/miou_occ_recon_render": value["miou_occ"]}
+        return super().eval_logs(split, name, value)
 
     def configure_callbacks(self):
-        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
-
-        return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs),
-                                  mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))]
+        return self.image_logging_callbacks(mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))
 
 
 # -- the API for the refine stage ---------------------------------------------------------------

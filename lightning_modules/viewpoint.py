@@ -198,10 +198,10 @@ class ViewpointStage(AmodalStage):
                                else float(cfg.loader.get("visible_crop_margin", 2.5)))
         self.el_range, self.dist_range = head.el_range, head.dist_range
         # per instance: category, estimator az/el/dist, recon az/el/dist, true az/el/dist
-        self.val_cameras, self.test_cameras = CatMetric(), CatMetric()
-        self.val_synth, self.test_synth = MeanMetric(), MeanMetric()
-        self.val_visible_iou, self.test_visible_iou = MeanMetric(), MeanMetric()
-        self.val_visible_iou_recon, self.test_visible_iou_recon = MeanMetric(), MeanMetric()
+        # cameras: per instance category, the estimator's and recon's az/el/dist, the true ones
+        # synth_camera_loss: the camera loss on self-generated samples (the label-free monitor)
+        self.add_eval_metrics(cameras=CatMetric, synth_camera_loss=MeanMetric, visible_iou=MeanMetric,
+                              visible_iou_recon=MeanMetric)
         self.camera_summary: dict[str, float] = {}
         self._last: dict | None = None
 
@@ -254,66 +254,44 @@ class ViewpointStage(AmodalStage):
         return self.recon(batch)["verts"], self.recon.faces
 
     # -- evaluation -----------------------------------------------------------------------------
-    def _evaluate(self, batch: dict, batch_idx: int, metric, cameras, synth, vis, vis_recon) -> None:
-        self.evaluate_batch(batch, metric)
+    def update_eval_metrics(self, batch: dict, batch_idx: int, split: str, metrics) -> None:
         last = self._last
         unknown = monitor_unknown(batch)
-        vis.update(visible_iou(last["sil"], batch["visible"], unknown))
+        metrics["visible_iou"].update(visible_iou(last["sil"], batch["visible"], unknown))
         rec = last["recon"]  # recon's own camera, for the label-free comparison camera_source=auto makes
         rec_sil = self.recon.renderer(rec["verts"], self.recon.faces, rec["camera"], rec["place"], self.recon.crop_size)
-        vis_recon.update(visible_iou(rec_sil[:, None], batch["visible"], unknown))
-        cameras.update(torch.cat([
+        metrics["visible_iou_recon"].update(visible_iou(rec_sil[:, None], batch["visible"], unknown))
+        metrics["cameras"].update(torch.cat([
             batch["category"].float()[:, None], last["camera"], last["recon"]["camera"],
             batch["eval_camera"].float(),
         ], dim=1))
         g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + batch_idx)
         samples = self.make_samples(batch, g, verts=last["recon"]["verts"])
-        synth.update(self.camera_losses(samples)["camera"])
+        metrics["synth_camera_loss"].update(self.camera_losses(samples)["camera"])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.val_metric, self.val_cameras, self.val_synth, self.val_visible_iou,
-                       self.val_visible_iou_recon)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, self.test_metric, self.test_cameras, self.test_synth, self.test_visible_iou,
-                       self.test_visible_iou_recon)
-
-    def _log_cameras(self, cameras, prefix: str) -> dict[str, float]:
-        rows = cameras.compute() if cameras.update_count else None
-        cameras.reset()
-        if rows is None or rows.numel() == 0:
+    def eval_logs(self, split: str, name: str, value) -> dict:
+        if name != "cameras":
+            return super().eval_logs(split, name, value)
+        rows = value
+        if rows.numel() == 0:
             return {}
         nan = torch.full_like(rows[:, :1], float("nan"))
-        summary = {}
+        out = {}
         for source, cols in (("viewpoint", slice(1, 4)), ("recon", slice(4, 7))):
             errs = camera_errors(torch.cat([rows[:, :1], rows[:, cols], rows[:, 7:10], nan], dim=1), len(CATEGORIES))
             for k, v in errs.items():
-                name = f"az_err_{source}" if k == "az_err_aligned" else f"{k}_{source}"
-                self.log(f"{prefix}/{name}", v, sync_dist=False)
-                summary[name] = float(v)
-        return summary
+                out[f"{split}/az_err_{source}" if k == "az_err_aligned" else f"{split}/{k}_{source}"] = v
+        return out
 
-    def _epoch_end(self, prefix: str, cameras, synth, vis, vis_recon) -> dict[str, float]:
-        """Logs the epoch's figures; returns the label-free visible IoUs of both camera
-        sources and the (evaluation-only) camera errors."""
-        ious = {"visible_iou_viewpoint": float(vis.compute()), "visible_iou_recon": float(vis_recon.compute())}
-        self.log(f"{prefix}/synth_camera_loss", synth.compute())
-        self.log(f"{prefix}/visible_iou", ious["visible_iou_viewpoint"])
-        self.log(f"{prefix}/visible_iou_recon", ious["visible_iou_recon"])
-        for metric in (synth, vis, vis_recon):
-            metric.reset()
-        return {**ious, **self._log_cameras(cameras, prefix)}
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        summary = self._epoch_end("val", self.val_cameras, self.val_synth, self.val_visible_iou,
-                                  self.val_visible_iou_recon)
-        if summary and not self.trainer.sanity_checking:
-            self.camera_summary = {"split": "val", "epoch": int(self.current_epoch), **summary}
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._epoch_end("test", self.test_cameras, self.test_synth, self.test_visible_iou, self.test_visible_iou_recon)
+    def on_eval_epoch_end(self, split: str, logged: dict[str, float]) -> None:
+        """Keeps the val figures (label-free visible IoUs of both camera sources, and the
+        evaluation-only camera errors) for the checkpoint: render's camera_source=auto reads them."""
+        if split != "val" or not logged or self.trainer.sanity_checking:
+            return
+        summary = {k.split("/", 1)[1]: v for k, v in logged.items() if k.startswith("val/")}
+        summary.pop("synth_camera_loss", None)
+        summary["visible_iou_viewpoint"] = summary.pop("visible_iou")
+        self.camera_summary = {"split": "val", "epoch": int(self.current_epoch), **summary}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the val figures of the weights being saved: camera_source=auto compares their visible IoUs
@@ -323,10 +301,7 @@ class ViewpointStage(AmodalStage):
         self.camera_summary = dict(checkpoint.get("camera_errors") or {})
 
     def configure_callbacks(self):
-        from amodal3d.callbacks.tensorboard_images import TensorBoardImages
-
-        return [TensorBoardImages(every_n_epochs=int(self.cfg.run.image_log_every_n_epochs),
-                                  mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))]
+        return self.image_logging_callbacks(mesh_every_n_epochs=int(self.m.mesh_log_every_n_epochs))
 
 
 def read_viewpoint_checkpoint(checkpoint: str | Path) -> dict:

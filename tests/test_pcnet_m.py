@@ -160,9 +160,9 @@ def test_the_label_free_monitor_is_the_completion_loss_with_fixed_erasers():
     for _ in range(2):
         with torch.no_grad():
             m.validation_step(LabelGuard(b), 0)
-        m.val_completion.compute()
-        runs.append(float(m.val_completion.compute()))
-        m.val_completion.reset()
+        completion = m.eval_metrics["val"]["completion_loss"]
+        runs.append(float(completion.compute()))
+        completion.reset()
     assert runs[0] == runs[1] and math.isfinite(runs[0]) and runs[0] > 0  # same erasers, no amodal label
     cfg = load_config("pcnet_m")
     assert cfg.run.monitor == "val/completion_loss" and cfg.run.monitor_mode == "min"

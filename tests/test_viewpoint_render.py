@@ -420,9 +420,9 @@ def test_label_free_monitors_ignore_the_hidden_labels(recon_runs, tiny_root, bat
     change when the amodal masks and true cameras of the batch are replaced by noise."""
     runs, _ = recon_runs
     stages = {
-        ReconStage(_cfg("recon", tiny_root, runs)): ("val_visible_iou",),
-        ViewpointStage(_cfg("viewpoint", tiny_root, runs)): ("val_synth", "val_visible_iou", "val_visible_iou_recon"),
-        RenderStage(_cfg("render", tiny_root, runs, ["model.camera_source=recon"])): ("val_visible_iou",),
+        ReconStage(_cfg("recon", tiny_root, runs)): ("visible_iou",),
+        ViewpointStage(_cfg("viewpoint", tiny_root, runs)): ("synth_camera_loss", "visible_iou", "visible_iou_recon"),
+        RenderStage(_cfg("render", tiny_root, runs, ["model.camera_source=recon"])): ("visible_iou",),
     }
     for stage, names in stages.items():
         stage.eval()
@@ -430,9 +430,9 @@ def test_label_free_monitors_ignore_the_hidden_labels(recon_runs, tiny_root, bat
         for b in (batch, _scrambled(batch)):
             with torch.no_grad():
                 stage.validation_step(b, 0)
-            values.append([float(getattr(stage, n).compute()) for n in names])
+            values.append([float(stage.eval_metrics["val"][n].compute()) for n in names])
             for n in names:
-                getattr(stage, n).reset()
+                stage.eval_metrics["val"][n].reset()
         assert values[0] == values[1] and all(math.isfinite(v) for v in values[0]), type(stage).__name__
     assert load_config("recon").run.monitor == "val/visible_iou"
     assert load_config("render").run.monitor == "val/visible_iou"

@@ -64,7 +64,7 @@ class PCNetMModule(AmodalStage):
         self.use_rgb = bool(m.use_rgb)
         from torchmetrics.aggregation import MeanMetric
 
-        self.val_completion = MeanMetric()
+        self.add_eval_metrics(completion_loss=MeanMetric)  # the label-free monitor
         self.net = UNet(2 + 3 * self.use_rgb, 1, int(m.base_channels), int(m.depth))
 
     # -- the network ------------------------------------------------------------------
@@ -128,18 +128,12 @@ class PCNetMModule(AmodalStage):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=visible.shape[0])
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
+    def update_eval_metrics(self, batch: dict, batch_idx: int, split: str, metrics) -> None:
         # the label-free monitor: the training loss under erasers fixed per batch
         g = torch.Generator().manual_seed(1_000_003 + batch_idx)
         visible = batch["visible"]
         loss = self.pcnet_loss(visible, batch["rgb"] if self.use_rgb else None, g)
-        self.val_completion.update(loss, weight=visible.shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self.log("val/completion_loss", self.val_completion.compute(), sync_dist=False)
-        self.val_completion.reset()
+        metrics["completion_loss"].update(loss, weight=visible.shape[0])
 
     # -- inference ----------------------------------------------------------------------
     def predict_amodal(self, batch: dict) -> torch.Tensor:
