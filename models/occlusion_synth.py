@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from amodal3d.models.mesh_renderer import mask_boxes
+
 
 @dataclass(frozen=True)
 class OccluderParams:
@@ -40,24 +42,6 @@ class OccluderParams:
             )
         if self.tries < 1:
             raise ValueError(f"occluder tries={self.tries}: need at least 1")
-
-
-def mask_boxes(mask: torch.Tensor) -> torch.Tensor:
-    """(B,4) xyxy pixel-edge boxes of (B,1,S,S) masks; an empty mask gets the whole frame."""
-    b, _, h, w = mask.shape
-    m = mask[:, 0] > 0.5
-    cols, rows = m.any(dim=1), m.any(dim=2)  # (B,W), (B,H)
-    xs = torch.arange(w, device=mask.device)
-    ys = torch.arange(h, device=mask.device)
-    big = torch.tensor(10**9, device=mask.device)
-    x0 = torch.where(cols, xs, big).min(dim=1).values
-    x1 = torch.where(cols, xs + 1, -big).max(dim=1).values
-    y0 = torch.where(rows, ys, big).min(dim=1).values
-    y1 = torch.where(rows, ys + 1, -big).max(dim=1).values
-    empty = ~cols.any(dim=1)
-    box = torch.stack([x0, y0, x1, y1], dim=1).float()
-    full = torch.tensor([0.0, 0.0, float(w), float(h)], device=mask.device)
-    return torch.where(empty[:, None], full, box)
 
 
 def _uniform(shape, lo, hi, generator, device) -> torch.Tensor:

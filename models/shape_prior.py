@@ -9,6 +9,7 @@ dicts, so a checkpoint that holds a prior needs no other file."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict
 
 import torch
@@ -125,17 +126,39 @@ class ShapePrior(nn.Module):
         return self.render(self(batch), size)
 
 
-class ReconShapePrior(nn.Module):
+class PriorAdapter(nn.Module, ABC):
+    """What refine and joint use of a 3D prior: coarse_mask(batch[, camera]) rendered at
+    render_size and brought to the crop size, camera(batch), the recon net inside, and
+    the prior's parts by stage (joint's parameter groups)."""
+
+    def __init__(self, render_size: int) -> None:
+        super().__init__()
+        if int(render_size) < 8:
+            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
+        self.render_size = int(render_size)
+
+    @property
+    @abstractmethod
+    def recon_net(self) -> nn.Module:
+        """The ReconNet whose mesh is rendered."""
+
+    @abstractmethod
+    def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(silhouette (B,r,r) at render_size, the forward outputs) for the prior's camera or `camera`."""
+
+    def coarse_mask(self, batch: dict, camera: torch.Tensor | None = None) -> torch.Tensor:
+        sil, _ = self.render_outputs(batch, camera)
+        return to_crop_size(sil[:, None], int(self.recon_net.crop_size))
+
+
+class ReconShapePrior(PriorAdapter):
     """The recon stage's mesh + camera rendered in the crop frame: the coarse mask
     when the render stage is not available (the recon net already places its
     render on the amodal box, models.mesh_renderer.fit_placement)."""
 
     def __init__(self, net: nn.Module, render_size: int = 32) -> None:
-        super().__init__()
-        if int(render_size) < 8:
-            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
+        super().__init__(render_size)
         self.net = net
-        self.render_size = int(render_size)
 
     @property
     def recon_net(self) -> nn.Module:
@@ -163,22 +186,15 @@ class ReconShapePrior(nn.Module):
         sil = self.net.renderer(out["verts"], self.net.faces, camera, place, self.render_size)
         return sil, out
 
-    def coarse_mask(self, batch: dict, camera: torch.Tensor | None = None) -> torch.Tensor:
-        sil, _ = self.render_outputs(batch, camera)
-        return to_crop_size(sil[:, None], int(self.net.crop_size))
 
-
-class RenderShapePrior(nn.Module):
+class RenderShapePrior(PriorAdapter):
     """The render stage's ShapePrior (recon mesh, chosen camera, learned placement) with
     the interface refine uses: coarse_mask at prior_render_size, camera, rendering
     from a given camera, and its parts by stage for joint's parameter groups."""
 
     def __init__(self, shape_prior: nn.Module, render_size: int = 32) -> None:
-        super().__init__()
-        if int(render_size) < 8:
-            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
+        super().__init__(render_size)
         self.shape = shape_prior
-        self.render_size = int(render_size)
 
     @property
     def recon_net(self) -> nn.Module:
@@ -203,10 +219,6 @@ class RenderShapePrior(nn.Module):
             out["place"] = box_placement(out["verts"], camera, out["target"], self.shape.fit,
                                          self.shape.recon.renderer.fov)
         return self.shape.render(out, self.render_size)[:, 0], out
-
-    def coarse_mask(self, batch: dict, camera: torch.Tensor | None = None) -> torch.Tensor:
-        sil, _ = self.render_outputs(batch, camera)
-        return to_crop_size(sil[:, None], int(self.shape.crop_size))
 
 
 def to_crop_size(mask: torch.Tensor, size: int) -> torch.Tensor:

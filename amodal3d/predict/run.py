@@ -20,11 +20,11 @@ from amodal3d.predict.inputs import (
 from amodal3d.predict.outputs import JSON_NAME, boxes_xywh, encode_rle, save_png, write_json
 from amodal3d.predict.overlay import overlay_image
 from amodal3d.datamodules.composites import mask_boxes
+from amodal3d.lightning_modules.checkpoints import checkpoint_hparams
 
 
 def checkpoint_stage(checkpoint: Path) -> str:
-    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False, mmap=True)
-    stage = ((ckpt.get("hyper_parameters") or {}).get("cfg") or {}).get("stage")
+    stage = (checkpoint_hparams(checkpoint).get("cfg") or {}).get("stage")
     if not stage:
         raise ValueError(f"{checkpoint}: not an amodal3d stage checkpoint (no hyper_parameters.cfg.stage)")
     return str(stage)
