@@ -1,6 +1,8 @@
 # amodal3d — every target installs what it needs first (`setup` is idempotent).
 # Usage: make bench [PROTOCOL=gt-visible|gt-box]; make train STAGE=recon [EXP=name] [DEBUG=fdr|tiny|overfit] [RESUME=run_id] [OVERRIDES="trainer.max_epochs=3"]
 SHELL := /bin/bash
+# +B: no brace expansion, so dict overrides (OVERRIDES="data.objects_per_split={train:1,val:0}") reach the CLI whole
+.SHELLFLAGS := +B -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

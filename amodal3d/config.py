@@ -9,6 +9,7 @@ lightning_modules.registry); everything else is shared.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,10 @@ def load_config(
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.path=value")
         key, value = ov.split("=", 1)
+        if value.startswith("{") and value.endswith("}"):
+            # a flow mapping typed without spaces ({train:1,val:0}, as a shell passes it whole)
+            # means {train: 1, val: 0}: no key of ours holds a colon
+            value = re.sub(r"([:,])(?=\S)", r"\1 ", value)
         try:
             dotted = OmegaConf.from_dotlist([f"{key}={value}"])
         except Exception as err:

@@ -11,21 +11,24 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.atomic import save_png_atomic
 from amodal3d.datamodules.shard_reader import SplitReader
 
-_GREEN, _RED, _BLUE = np.array([40, 220, 60]), np.array([235, 40, 40]), np.array([50, 110, 255])
+_GREEN, _RED, _BLUE = (40, 220, 60), (235, 40, 40), (50, 110, 255)
 
 
 def overlay(image: np.ndarray, amodal: np.ndarray, visible: np.ndarray, occluder: np.ndarray) -> np.ndarray:
     """uint8 (H,W,3): the image dimmed, occluder blue, visible green, hidden amodal red."""
-    out = image.astype(np.float32) * 0.45
+    from torchvision.utils import draw_segmentation_masks
+
+    out = torch.from_numpy(image).permute(2, 0, 1).float() * (0.45 / 255)  # float in [0, 1]
     for mask, colour, alpha in ((occluder, _BLUE, 0.45), (visible, _GREEN, 0.75), (amodal & ~visible, _RED, 0.85)):
-        out[mask] = out[mask] * (1 - alpha) + colour * alpha
-    return np.clip(out, 0, 255).astype(np.uint8)
+        out = draw_segmentation_masks(out, torch.from_numpy(np.ascontiguousarray(mask)), alpha=alpha, colors=colour)
+    return (out * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def composite_contact_sheet(

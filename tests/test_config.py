@@ -96,3 +96,21 @@ def test_the_protocol_is_checked_and_gt_box_has_its_experiment():
     assert load_config(None, "gt_box").protocol == "gt-box"
     with pytest.raises(ConfigError, match="protocol='gt-vis'"):
         load_config(None, None, ["protocol=gt-vis"])
+
+
+def test_dict_and_list_overrides_pass_through_make_whole():
+    """The Makefile's shell does no brace expansion: a dict override is one argument."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    show = 'show-args: ; @python3 -c "import sys; print(sys.argv[1:])" $(OVERRIDES)'
+    ov = "data.objects_per_split={train:1,val:0} data.categories=[chair,car] loader.batch_size=4"
+    out = subprocess.run(["make", "-s", "-C", str(repo), "--eval", show, "show-args", f"OVERRIDES={ov}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ov.split(" "))
+    cfg = load_config(None, overrides=ov.split(" "))
+    assert dict(cfg.data.objects_per_split)["val"] == 0 and list(cfg.data.categories) == ["chair", "car"]
