@@ -54,7 +54,7 @@ def resolve_checkpoints(cfg: DictConfig, spec=None) -> DictConfig:
 
 
 def saved_checkpoints(run_config: Path) -> dict[str, str]:
-    """run.checkpoints as a run's config.yaml recorded them (a resumed run keeps its inputs)."""
+    """run.checkpoints as a run's config.yaml recorded them."""
     from omegaconf import OmegaConf
 
     if not run_config.is_file():
@@ -62,3 +62,12 @@ def saved_checkpoints(run_config: Path) -> dict[str, str]:
     saved = OmegaConf.load(run_config)
     ckpts = OmegaConf.select(saved, "run.checkpoints") or {}
     return {str(k): str(v) for k, v in ckpts.items() if v}
+
+
+def keep_recorded_checkpoints(cfg: DictConfig, run_folder: Path) -> DictConfig:
+    """A resumed or requeued run keeps the inputs it started with (a newer finished run of
+    a dependency does not swap in mid-run); a path given on the command line still wins."""
+    for stage, path in saved_checkpoints(run_folder / "config.yaml").items():
+        if not cfg.run.checkpoints.get(stage):
+            cfg.run.checkpoints[stage] = path
+    return cfg

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from amodal3d.config import ConfigError, load_config, save_config
-from amodal3d.dependencies import resolve_checkpoints, saved_checkpoints
+from amodal3d.dependencies import keep_recorded_checkpoints, resolve_checkpoints
 from amodal3d.atomic import write_json_atomic
 from amodal3d.runs import SUMMARY, new_run_id, run_dir, runs_root
 from amodal3d.lightning_modules.registry import StageSpec, get_stage
@@ -147,6 +147,22 @@ def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] |
     )
 
 
+RUN_ID_ENV = "AMODAL3D_RUN_ID"
+
+
+def shared_run_id(cfg: DictConfig) -> str:
+    """A new run id that every DDP rank agrees on: the launching process (rank 0) picks it
+    and puts it in the environment, which the ranks Lightning starts as subprocesses
+    inherit (each would otherwise stamp its own time, a second apart)."""
+    inherited = os.environ.get(RUN_ID_ENV)
+    if inherited:
+        return inherited
+    run_id = new_run_id()
+    if world_size(cfg) > 1:
+        os.environ[RUN_ID_ENV] = run_id
+    return run_id
+
+
 def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     """Pick the run folder and the checkpoint to resume from.
 
@@ -164,7 +180,7 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
                 f"(runs of this stage are under {runs_root(root) / cfg.experiment / cfg.stage})"
             )
         return out, str(last)
-    run_id = cfg.run.run_id or new_run_id()
+    run_id = cfg.run.run_id or shared_run_id(cfg)
     out = run_dir(root, cfg.experiment, cfg.stage, run_id)
     cfg.run.run_id = run_id
     return out, None
@@ -175,9 +191,7 @@ def train(cfg: DictConfig) -> dict:
     spec = get_stage(cfg.stage)
     L.seed_everything(int(cfg.seed), workers=True)
     out, ckpt_path = prepare_run(cfg)
-    for stage, path in saved_checkpoints(out / "config.yaml").items():  # resume / requeue: the same inputs
-        if not cfg.run.checkpoints.get(stage):
-            cfg.run.checkpoints[stage] = path
+    keep_recorded_checkpoints(cfg, out)  # resume / requeue: the inputs it started with
     resolve_checkpoints(cfg, spec)
     from amodal3d.datamodules.build import ensure_dataset
 
@@ -190,7 +204,11 @@ def train(cfg: DictConfig) -> dict:
         save_config(cfg, out / "config.yaml")
         print(f"[run] {spec.name}: {out}", flush=True)
     t0 = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    finally:
+        if trainer.is_global_zero:  # the next run of this process picks a new id
+            os.environ.pop(RUN_ID_ENV, None)
     summary = {
         "stage": spec.name,
         "experiment": cfg.experiment,

@@ -54,6 +54,16 @@ class TensorBoardImages(L.Callback):
         self.mesh_every_n_epochs = mesh_every_n_epochs
         self.max_items = max_items
         self.max_meshes = max_meshes
+        self._last: dict[str, int] = {}  # kind -> epoch it was last logged
+
+    def due(self, kind: str, epoch: int) -> bool:
+        """Whether `kind` (images, meshes) is logged at this validation epoch: at the first
+        validation of the run, then once at least its interval has passed since the last
+        time. Validation need not fall on multiples of the interval (check_val_every_n_epoch,
+        a short run), so a rule on `epoch % n` could never fire."""
+        every = self.every_n_epochs if kind == "images" else self.mesh_every_n_epochs
+        last = self._last.get(kind)
+        return last is None or epoch - last >= every
 
     @staticmethod
     def _writer(trainer: L.Trainer):
@@ -66,11 +76,14 @@ class TensorBoardImages(L.Callback):
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
-        want_images = epoch % self.every_n_epochs == 0
-        want_meshes = epoch % self.mesh_every_n_epochs == 0 and hasattr(pl_module, "predict_meshes")
+        want_images = self.due("images", epoch)
+        want_meshes = hasattr(pl_module, "predict_meshes") and self.due("meshes", epoch)
         writer = self._writer(trainer)
         if writer is None or not (want_images or want_meshes):
             return
+        for kind, wanted in (("images", want_images), ("meshes", want_meshes)):
+            if wanted:
+                self._last[kind] = epoch
         step = trainer.global_step
         with torch.no_grad():
             if want_images:

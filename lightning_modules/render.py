@@ -45,7 +45,6 @@ from amodal3d.lightning_modules.viewpoint import (
     load_recon_dependency,
     read_viewpoint_checkpoint,
 )
-from amodal3d.models.mesh_renderer import fit_placement
 from amodal3d.models.placement import FIT_MODES, placed_extent
 from amodal3d.models.shape_prior import ShapePrior, freeze_
 from amodal3d.models.recon_losses import resize_mask, silhouette_loss, visible_iou
@@ -227,8 +226,7 @@ class RenderStage(AmodalStage):
         recon = self.prior.recon
         if self.prior.viewpoint is None:  # same mesh and camera as ours: only the placement differs
             out = self._last["out"]
-            place = fit_placement(out["verts"], out["camera"], out["box"], recon.renderer.fov)
-            plain = recon.renderer(out["verts"], recon.faces, out["camera"], place, recon.crop_size)[:, None]
+            plain = recon.render(out["verts"], out["camera"], out["box"], recon.crop_size)[:, None]
         else:
             plain = recon.silhouette(batch)
         h, w = batch["image_visible"].shape[-2:]

@@ -49,7 +49,7 @@ from amodal3d.lightning_modules.common import AmodalStage, as_config
 from amodal3d.lightning_modules.recon import load_recon
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.metrics.camera import camera_errors
-from amodal3d.models.mesh_renderer import centred_box_ndc, fit_placement, mask_boxes
+from amodal3d.models.mesh_renderer import centred_box_ndc, mask_boxes
 from amodal3d.models.occlusion_synth import OccluderParams, synth_occluders
 from amodal3d.models.recon_losses import camera_loss, sample_cameras, visible_iou
 from amodal3d.models.recon_net import ReconNet
@@ -245,8 +245,7 @@ class ViewpointStage(AmodalStage):
         """recon's mesh seen by the estimator's camera, fitted to the amodal box."""
         rec = self.recon(batch)
         camera = estimator_camera(self.recon, self.net.predict(batch), rec["verts"], batch, rec["box"])
-        place = fit_placement(rec["verts"], camera, rec["box"], self.recon.renderer.fov)
-        sil = self.recon.renderer(rec["verts"], self.recon.faces, camera, place, self.recon.crop_size)
+        sil = self.recon.render(rec["verts"], camera, rec["box"], self.recon.crop_size)
         self._last = {"recon": rec, "camera": camera, "sil": sil[:, None]}
         return sil[:, None]
 

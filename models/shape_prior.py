@@ -174,16 +174,11 @@ class ReconShapePrior(PriorAdapter):
     def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """(silhouette (B,r,r) at render_size, the recon net's outputs) for the predicted
         camera, or for `camera` (B,3) with the placement refitted to the amodal box."""
-        from amodal3d.models.mesh_renderer import fit_placement
-
         out = self.net(batch)
-        place = out["place"]
-        if camera is not None:
-            camera = camera.to(out["verts"].dtype)
-            place = fit_placement(out["verts"], camera, out["box"], self.net.renderer.fov)
+        if camera is None:
+            sil = self.net.renderer(out["verts"], self.net.faces, out["camera"], out["place"], self.render_size)
         else:
-            camera = out["camera"]
-        sil = self.net.renderer(out["verts"], self.net.faces, camera, place, self.render_size)
+            sil = self.net.render(out["verts"], camera.to(out["verts"].dtype), out["box"], self.render_size)
         return sil, out
 
 

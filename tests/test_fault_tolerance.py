@@ -151,12 +151,15 @@ def test_sigusr1_saves_hpc_checkpoint_and_requeued_job_resumes(data_dir: Path, t
 
 
 def test_two_process_ddp_validation_equals_single_process(data_dir: Path, tmp_path: Path):
+    """No run id pinned: rank 0 picks it and both ranks write the one run folder."""
     cmd = _train_cmd(data_dir, tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
                      "trainer.limit_val_batches=1.0", "trainer.accelerator=cpu", "trainer.devices=2",
-                     "loader.batch_size=4", "run.run_id=ddp")
+                     "loader.batch_size=4")
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = tmp_path / "default" / "pcnet_m" / "ddp"
+    runs = [p for p in (tmp_path / "default" / "pcnet_m").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    run = runs[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     ddp_miou = summary["metrics"]["val/miou"]

@@ -178,3 +178,38 @@ def test_throughput_helper_on_a_built_dataset(setup):
     module = Refine2DStage.load_from_checkpoint(str(setup["ckpt_2d"]))
     res = predict_throughput(module, setup["tmp"] / "data", "test", max_images=3, batch_size=4)
     assert res["instances"] == res["exported_instances"] == 3 and res["instances_per_s"] > 0 and res["errors"] == 0
+
+
+@pytest.mark.parametrize("kind", ["0/1", "0/255", "palette", "16-bit", "rgb", "grey levels"])
+def test_mask_pngs_in_the_common_encodings(tmp_path, kind, capsys):
+    """Label masks (0/1), palette and 16-bit PNGs are "non-zero = on"; a soft mask is
+    thresholded at half its range and the rule is said."""
+    from PIL import Image
+
+    from amodal3d.predict.inputs import read_mask_png
+
+    m = np.zeros((6, 7), np.uint8)
+    m[2:4, 1:5] = 1
+    path = tmp_path / "m.png"
+    if kind == "0/1":
+        Image.fromarray(m).save(path)
+    elif kind == "0/255":
+        Image.fromarray(m * 255).save(path)
+    elif kind == "palette":
+        im = Image.fromarray(m * 3, mode="P")
+        im.putpalette([0, 0, 0] * 3 + [200, 10, 10])
+        im.save(path)
+    elif kind == "16-bit":
+        Image.fromarray(m.astype(np.uint16) * 65535).save(path)
+    elif kind == "rgb":
+        Image.fromarray(np.repeat(m[..., None] * 255, 3, axis=2)).save(path)
+    else:
+        soft = (m * 200).astype(np.uint8)
+        soft[0, 0], soft[0, 1] = 100, 140
+        Image.fromarray(soft).save(path)
+    expected = m.astype(bool)
+    if kind == "grey levels":
+        expected[0, 1] = True  # 140 >= 128; 100 is not
+    assert np.array_equal(read_mask_png(path), expected)
+    said = capsys.readouterr().err
+    assert ("pixels >= 128 count as visible" in said) == (kind == "grey levels")

@@ -87,3 +87,38 @@ def test_latest_finished_run_is_used_and_an_unfinished_one_never(tmp_path: Path)
         find_stage_checkpoint("recon", "default", root=str(tmp_path))
 
 
+
+
+def test_a_resumed_run_keeps_the_checkpoints_it_started_with(tmp_path: Path):
+    """Resolution takes the recorded path over a newer finished run; the command line wins over both."""
+    from amodal3d.config import save_config
+    from amodal3d.dependencies import keep_recorded_checkpoints, resolve_checkpoints
+
+    def finished(name: str) -> Path:
+        run = tmp_path / "runs" / "default" / "recon" / name
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("x: 1\n")
+        (run / "summary.json").write_text("{}")
+        (run / "checkpoints" / "best.ckpt").write_bytes(b"x")
+        return run / "checkpoints" / "best.ckpt"
+
+    old = finished("a")
+    cfg = _cfg(f"run.root={tmp_path / 'runs'}")
+    cfg.stage = "viewpoint"
+    resolve_checkpoints(cfg)
+    run_folder = tmp_path / "runs" / "default" / "viewpoint" / "v1"
+    save_config(cfg, run_folder / "config.yaml")
+    import os
+    import time
+
+    new = finished("b")
+    os.utime(new.parent.parent, (time.time() + 10, time.time() + 10))
+    again = _cfg(f"run.root={tmp_path / 'runs'}")
+    again.stage = "viewpoint"
+    assert resolve_checkpoints(keep_recorded_checkpoints(again, run_folder)).run.checkpoints.recon == str(old.resolve())
+    fresh = _cfg(f"run.root={tmp_path / 'runs'}")
+    fresh.stage = "viewpoint"
+    assert resolve_checkpoints(fresh).run.checkpoints.recon == str(new.resolve())
+    given = _cfg(f"run.root={tmp_path / 'runs'}", f"run.checkpoints.recon={new}")
+    given.stage = "viewpoint"
+    assert keep_recorded_checkpoints(given, run_folder).run.checkpoints.recon == str(new)

@@ -172,15 +172,28 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def read_mask_png(path: Path) -> np.ndarray:
+    """A visible-mask PNG as bool (H,W). A mask of two values (0/1 label masks, 0/255,
+    palette indices 0/k, 16-bit 0/65535) is "non-zero = on"; a mask of more values (an
+    anti-aliased or soft mask) is thresholded at half its range, and the rule is said."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         raise InputError(f"mask file {path} does not exist")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L")) >= 128
+            raw = np.asarray(im.convert("L") if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr") else im)
+            mode = im.mode
     except (UnidentifiedImageError, OSError) as err:
         raise InputError(f"cannot read mask {path}: {err}") from None
+    if raw.ndim != 2:
+        raise InputError(f"mask {path}: expected a single-channel image, got shape {raw.shape} (mode {mode})")
+    values = np.unique(raw)
+    if len(values) <= 2 and values[0] == 0:
+        return raw != 0
+    half = (int(np.iinfo(raw.dtype).max) + 1) // 2 if raw.dtype.kind in "iu" else 0.5
+    print(f"[predict] {path}: {len(values)} grey levels (mode {mode}); pixels >= {half} count as visible",
+          file=sys.stderr)
+    return raw >= half
 
 
 def decode_segmentation(seg, h: int, w: int) -> np.ndarray:
