@@ -7,15 +7,20 @@
     python -m amodal3d sheets
     python -m amodal3d stages
     python -m amodal3d predict --input PATH [PATH ...] --out DIR [--ckpt CKPT] [--exp NAME]
+
+A user error (amodal3d.errors.UserError: bad config, data, input or checkpoint) prints one
+line and exits 2; anything else keeps its traceback. `python -m amodal3d --traceback ...`
+(or AMODAL3D_TRACEBACK=1) shows the traceback of both.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from amodal3d.config import ConfigError
+from amodal3d.errors import UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -194,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench has its own parser (parts, --help): hand it everything
         argv = ["bench", "--", *argv[1:]]
+    traceback = os.environ.get("AMODAL3D_TRACEBACK") == "1"
+    if "--traceback" in argv[:1]:
+        traceback, argv = True, argv[1:]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except UserError as err:  # what the user gave is wrong: one line, exit 2 (other errors keep their traceback)
+        if traceback:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from amodal3d.errors import ConfigError  # re-exported: amodal3d.config.ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
@@ -120,8 +122,6 @@ class Config:
     model: Any = None
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
 
 
 def _valid_keys(node: Any, dotted: str) -> list[str]:

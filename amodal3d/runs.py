@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from amodal3d.config import REPO_ROOT
+from amodal3d.errors import MissingCheckpointError
 
 SUMMARY = "summary.json"
 
@@ -68,7 +69,7 @@ def find_stage_checkpoint(
     if override:
         p = Path(override)
         if not p.is_file():
-            raise FileNotFoundError(f"checkpoint for stage {stage!r} not found: {p} (run.checkpoints.{stage})")
+            raise MissingCheckpointError(f"checkpoint for stage {stage!r} not found: {p} (run.checkpoints.{stage})")
         return p
     runs = list_runs(root, experiment, stage)
     for run in reversed(runs):
@@ -78,7 +79,7 @@ def find_stage_checkpoint(
     exp_arg = "" if experiment == "default" else f" EXP={experiment}"
     unfinished = sorted(r.name for r in runs if not is_finished(r))
     why = f" (run(s) {', '.join(unfinished)} have no {SUMMARY}: still training or stopped early)" if unfinished else ""
-    raise FileNotFoundError(
+    raise MissingCheckpointError(
         f"no finished run of stage {stage!r} under {runs_root(root) / experiment / stage}{why}: "
         f"train it first with `make train STAGE={stage}{exp_arg}` "
         f"or set run.checkpoints.{stage}=<path/to.ckpt>"

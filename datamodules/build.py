@@ -36,6 +36,7 @@ from amodal3d.datamodules.composites import GENERATOR_VERSION, CompositeParams, 
 from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION, DatasetError, read_manifest, sha256_file
 from amodal3d.datamodules.shard_writer import write_shard
 from amodal3d.datamodules.sources.base import SPLITS, ObjectRenders
+from amodal3d.errors import ConfigError
 
 LoadObjects = Callable[[Any, str, str], ObjectRenders]
 GENERATOR_FILE = "generator.json"
@@ -102,7 +103,7 @@ def _splits(cfg: dict) -> list[str]:
     per = dict(cfg["objects_per_split"])
     unknown = sorted(set(per) - set(SPLITS))
     if unknown:
-        raise ValueError(f"data.objects_per_split: unknown split(s) {unknown}; expected {', '.join(SPLITS)}")
+        raise ConfigError(f"data.objects_per_split: unknown split(s) {unknown}; expected {', '.join(SPLITS)}")
     out = [s for s in SPLITS if int(per.get(s, 0)) > 0]
     if cfg["composite"] == "paste":
         out = [s for s in out if int(dict(cfg["paste_images_per_split"]).get(s, 0)) > 0]

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from amodal3d.errors import UserError
+
 #: version of the shard and manifest layout; bump on any incompatible change
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 MASKS = ("amodal", "visible", "occluder")
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset folder that cannot be read as built."""
 
 

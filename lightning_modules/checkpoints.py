@@ -12,16 +12,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from amodal3d.errors import CheckpointError, MissingCheckpointError
+
 
 def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict at `path` (tensors on the CPU, memory-mapped)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
+        raise MissingCheckpointError(f"checkpoint not found: {p}")
     try:
         return torch.load(str(p), map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated file, not a torch file, ...
-        raise ValueError(f"{p}: not a readable checkpoint ({type(err).__name__}: {err}); "
+        raise CheckpointError(f"{p}: not a readable checkpoint ({type(err).__name__}: {err}); "
                          "retrain the stage or point run.checkpoints at another file") from None
 
 
@@ -35,7 +37,7 @@ def checkpoint_model_config(path: str | Path) -> dict:
     try:
         return dict(checkpoint_hparams(path)["cfg"]["model"])
     except (KeyError, TypeError):
-        raise ValueError(f"{path}: not a stage checkpoint of this project (no hyper_parameters.cfg.model)") from None
+        raise CheckpointError(f"{path}: not a stage checkpoint of this project (no hyper_parameters.cfg.model)") from None
 
 
 def submodule_state(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -49,13 +51,13 @@ def dependency(cfg: DictConfig, stage: str, consumer: str) -> str:
     """The checkpoint of `stage` this config consumes (run.checkpoints.<stage>)."""
     path = cfg.run.checkpoints.get(stage)
     if not path:
-        raise FileNotFoundError(
+        raise MissingCheckpointError(
             f"stage {consumer} needs a {stage} checkpoint: set run.checkpoints.{stage}=<path/to.ckpt>, or train "
             f"through the runner (`make train STAGE={consumer}`), which uses the latest finished {stage} run "
             f"(`make train STAGE={stage}` trains one)"
         )
     if not Path(path).is_file():
-        raise FileNotFoundError(f"run.checkpoints.{stage}={path}: no such checkpoint file (stage {consumer})")
+        raise MissingCheckpointError(f"run.checkpoints.{stage}={path}: no such checkpoint file (stage {consumer})")
     return str(path)
 
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 
 SPLITS = ("val", "test")
 
@@ -40,7 +41,7 @@ def build_optimizer(module: L.LightningModule, cfg: DictConfig, params=None):
     if o.scheduler == "none":
         return opt
     if o.scheduler != "cosine":
-        raise ValueError(f"optim.scheduler={o.scheduler!r}: expected 'cosine' or 'none'")
+        raise ConfigError(f"optim.scheduler={o.scheduler!r}: expected 'cosine' or 'none'")
     epochs = max(int(cfg.trainer.max_epochs), 1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=o.lr * 0.01)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

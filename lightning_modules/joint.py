@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import unknown_pixels
 from amodal3d.lightning_modules.checkpoints import checkpoint_hparams, dependency, read_checkpoint
 from amodal3d.lightning_modules.common import as_config
@@ -70,7 +71,7 @@ class JointStage(RefineStage):
                              "(the 2D-only ablation is stage refine_2d)")
         unknown = set(cfg.model.stages) - set(JOINT_STAGES)
         if unknown:
-            raise ValueError(f"model.stages: unknown stage(s) {sorted(unknown)}; expected {', '.join(JOINT_STAGES)}")
+            raise ConfigError(f"model.stages: unknown stage(s) {sorted(unknown)}; expected {', '.join(JOINT_STAGES)}")
         refine_state = None
         if prior_source is None:  # a new run, not a restored checkpoint: start from the stage checkpoints
             ckpt = dependency(cfg, "refine", "joint")
@@ -162,7 +163,7 @@ class JointStage(RefineStage):
         groups = []
         for stage, mod in parts.items():
             if stage not in stages:
-                raise ValueError(f"model.stages has no entry for stage {stage!r} (its lr and freeze flag)")
+                raise ConfigError(f"model.stages has no entry for stage {stage!r} (its lr and freeze flag)")
             params = [p for p in mod.parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "lr": float(stages[stage].lr), "name": stage})
@@ -176,7 +177,7 @@ class JointStage(RefineStage):
         if o.scheduler == "none":
             return opt
         if o.scheduler != "cosine":
-            raise ValueError(f"optim.scheduler={o.scheduler!r}: expected 'cosine' or 'none'")
+            raise ConfigError(f"optim.scheduler={o.scheduler!r}: expected 'cosine' or 'none'")
         epochs = max(int(self.cfg.trainer.max_epochs), 1)
 
         def factor(epoch: int) -> float:  # cosine from each group's lr to 1% of it

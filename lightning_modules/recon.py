@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import gives_amodal_box, monitor_unknown, protocol_of, unknown_pixels
 from amodal3d.datamodules.true_meshes import TrueMeshes
 from amodal3d.lightning_modules.common import AmodalStage, as_config, build_optimizer, with_schema_defaults
@@ -75,14 +76,14 @@ class ReconStage(AmodalStage):
         cfg = as_config(cfg)
         m = with_schema_defaults(cfg.model, ReconModelConfig)
         if int(m.render_size) < 8:
-            raise ValueError(f"model.render_size={m.render_size}: use at least 8 pixels")
+            raise ConfigError(f"model.render_size={m.render_size}: use at least 8 pixels")
         if not 0.0 <= float(m.rgb_dropout) <= 1.0:
-            raise ValueError(f"model.rgb_dropout={m.rgb_dropout}: expected a probability in [0, 1]")
+            raise ConfigError(f"model.rgb_dropout={m.rgb_dropout}: expected a probability in [0, 1]")
         if float(m.select_tie_margin) < 0:
-            raise ValueError(f"model.select_tie_margin={m.select_tie_margin}: expected >= 0 (0 turns tie-breaking off)")
+            raise ConfigError(f"model.select_tie_margin={m.select_tie_margin}: expected >= 0 (0 turns tie-breaking off)")
         for key in ("w_colour", "colour_select", "colour_init_noise"):
             if float(m[key]) < 0:
-                raise ValueError(f"model.{key}={m[key]}: expected >= 0 (w_colour=0 turns the colour templates off)")
+                raise ConfigError(f"model.{key}={m[key]}: expected >= 0 (w_colour=0 turns the colour templates off)")
         self.m = m
         self.protocol = protocol_of(cfg)
         # the cycle's renders are framed as the loader frames an unoccluded object under the protocol

@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import gives_amodal_box, protocol_of
 from amodal3d.lightning_modules.checkpoints import checkpoint_model_config, dependency, optional_dependency
 from amodal3d.lightning_modules.common import AmodalStage
@@ -90,7 +91,7 @@ def prior_dependencies(cfg: DictConfig, find) -> dict:
     finished checkpoints are recorded too, as the prior's provenance."""
     kind = str(cfg.model.prior)
     if kind not in PRIOR_KINDS:
-        raise ValueError(f"model.prior={kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
+        raise ConfigError(f"model.prior={kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
     if kind == "none":
         return {}
     exp = prior_experiment(cfg)
@@ -119,7 +120,7 @@ def build_prior(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
 
     kind = str(cfg.model.prior)
     if kind not in PRIOR_KINDS:
-        raise ValueError(f"model.prior={kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
+        raise ConfigError(f"model.prior={kind!r}: expected one of {', '.join(PRIOR_KINDS)}")
     if kind == "none":
         return None, {"kind": "none"}
     stage = str(cfg.stage)
@@ -139,7 +140,7 @@ def build_prior(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
               f"{prior_experiment(cfg)!r}); using the recon render of {ckpt}", file=sys.stderr, flush=True)
     prior, source = recon_prior(ckpt, int(cfg.model.prior_render_size))
     if int(source["crop_size"]) != int(cfg.loader.crop_size):
-        raise ValueError(f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {ckpt} was trained with "
+        raise ConfigError(f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {ckpt} was trained with "
                          f"crop_size={source['crop_size']}: use loader.crop_size={source['crop_size']}")
     return prior, source
 
@@ -182,7 +183,7 @@ def protocol_gate(gate: str, protocol: str) -> str:
     if gate == "auto":
         return "occluded" if gives_amodal_box(protocol) else "outside_visible"
     if gate not in GATES:
-        raise ValueError(f"model.gate={gate!r}: expected auto or one of {', '.join(GATES)}")
+        raise ConfigError(f"model.gate={gate!r}: expected auto or one of {', '.join(GATES)}")
     return gate
 
 
@@ -197,11 +198,11 @@ class RefineStage(AmodalStage):
         super().__init__(cfg)
         m = self.cfg.model
         if str(m.prior) not in PRIOR_KINDS:
-            raise ValueError(f"model.prior={m.prior!r}: expected one of {', '.join(PRIOR_KINDS)}")
+            raise ConfigError(f"model.prior={m.prior!r}: expected one of {', '.join(PRIOR_KINDS)}")
         self.protocol = protocol_of(self.cfg)
         self.gate = protocol_gate(str(m.gate), self.protocol)
         if not 0.0 <= float(m.unknown_occluder_prob) <= 1.0:
-            raise ValueError(f"model.unknown_occluder_prob={m.unknown_occluder_prob}: expected a probability")
+            raise ConfigError(f"model.unknown_occluder_prob={m.unknown_occluder_prob}: expected a probability")
         self.m = m
         self.net = RefineNet(int(m.base_channels), int(m.depth), self.gate, bool(m.region_specific),
                              bool(m.coarse_residual))

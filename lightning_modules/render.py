@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from torchmetrics.aggregation import MeanMetric
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import monitor_unknown, unknown_pixels
 from amodal3d.lightning_modules.checkpoints import dependency, optional_dependency
 from amodal3d.lightning_modules.common import AmodalStage, as_config
@@ -79,7 +80,7 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 def choose_camera_source(requested: str, recon_checkpoint: str | Path, viewpoint: dict | None) -> tuple[str, str]:
     """(source, reason). viewpoint: read_viewpoint_checkpoint(...) or None when there is none."""
     if requested not in CAMERA_SOURCES:
-        raise ValueError(f"model.camera_source={requested!r}: expected one of {', '.join(CAMERA_SOURCES)}")
+        raise ConfigError(f"model.camera_source={requested!r}: expected one of {', '.join(CAMERA_SOURCES)}")
     if requested == "recon":
         return "recon", "model.camera_source=recon"
     if requested == "viewpoint":
@@ -112,11 +113,11 @@ def choose_camera_source(requested: str, recon_checkpoint: str | Path, viewpoint
 
 def _check_model(m: DictConfig) -> None:
     if m.camera_source not in CAMERA_SOURCES:
-        raise ValueError(f"model.camera_source={m.camera_source!r}: expected one of {', '.join(CAMERA_SOURCES)}")
+        raise ConfigError(f"model.camera_source={m.camera_source!r}: expected one of {', '.join(CAMERA_SOURCES)}")
     if m.fit not in FIT_MODES:
-        raise ValueError(f"model.fit={m.fit!r}: expected one of {', '.join(FIT_MODES)}")
+        raise ConfigError(f"model.fit={m.fit!r}: expected one of {', '.join(FIT_MODES)}")
     if int(m.render_size) < 8:
-        raise ValueError(f"model.render_size={m.render_size}: use at least 8 pixels")
+        raise ConfigError(f"model.render_size={m.render_size}: use at least 8 pixels")
 
 
 def resolve_prior(cfg: DictConfig) -> tuple[dict, dict[str, dict]]:

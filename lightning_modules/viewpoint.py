@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 from torchmetrics.aggregation import CatMetric, MeanMetric
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import LEGACY_PROTOCOL, gives_amodal_box, monitor_unknown, protocol_of
 from amodal3d.lightning_modules.checkpoints import checkpoint_hparams, dependency, read_checkpoint
 from amodal3d.lightning_modules.common import AmodalStage, as_config
@@ -179,7 +180,7 @@ class ViewpointStage(AmodalStage):
         self.recon = freeze_(recon)
         head = self.recon.camera_head
         if int(m.hypotheses) < 0:
-            raise ValueError(f"model.hypotheses={m.hypotheses}: expected K >= 1, or 0 for recon's K")
+            raise ConfigError(f"model.hypotheses={m.hypotheses}: expected K >= 1, or 0 for recon's K")
         k = int(m.hypotheses) or head.k
         self.net = ViewpointNet(m.backbone, int(m.feat_dim), k, head.el_range, head.dist_range)
         if fresh and bool(m.init_from_recon):
@@ -192,7 +193,7 @@ class ViewpointStage(AmodalStage):
         )
         self.occluders.check()
         if not 0.0 <= float(m.unoccluded_fraction) <= 1.0:
-            raise ValueError(f"model.unoccluded_fraction={m.unoccluded_fraction}: expected a share in [0, 1]")
+            raise ConfigError(f"model.unoccluded_fraction={m.unoccluded_fraction}: expected a share in [0, 1]")
         self.crop_margin = float(cfg.loader.crop_margin)
         self.visible_margin = (None if gives_amodal_box(protocol_of(cfg))
                                else float(cfg.loader.get("visible_crop_margin", 2.5)))

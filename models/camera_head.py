@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from amodal3d.errors import ConfigError
+
 
 class CameraHead(nn.Module):
     def __init__(
@@ -32,10 +34,10 @@ class CameraHead(nn.Module):
     ) -> None:
         super().__init__()
         if hypotheses < 1:
-            raise ValueError(f"model.camera_hypotheses must be >= 1, got {hypotheses}")
+            raise ConfigError(f"model.camera_hypotheses must be >= 1, got {hypotheses}")
         for name, (lo, hi) in (("elevation_range", elevation_range), ("distance_range", distance_range)):
             if not hi > lo:
-                raise ValueError(f"model.{name} must be [low, high] with high > low, got {[lo, hi]}")
+                raise ConfigError(f"model.{name} must be [low, high] with high > low, got {[lo, hi]}")
         self.k = int(hypotheses)
         self.el_range = (float(elevation_range[0]), float(elevation_range[1]))
         self.dist_range = (float(distance_range[0]), float(distance_range[1]))

@@ -11,6 +11,8 @@ import timm
 import torch
 from torch import nn
 
+from amodal3d.errors import ConfigError
+
 
 def crop_channels(
     rgb: torch.Tensor, visible: torch.Tensor, occluded: torch.Tensor | None, use_occluded: bool = True
@@ -39,7 +41,7 @@ class CropEncoder(nn.Module):
         try:
             self.backbone = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=0)
         except RuntimeError as err:  # timm: "Unknown model (...)"
-            raise ValueError(f"model.backbone={backbone!r} is not a timm model: {err}") from None
+            raise ConfigError(f"model.backbone={backbone!r} is not a timm model: {err}") from None
         self.in_chans = in_chans
         self.category = nn.Embedding(num_categories, category_dim)
         self.proj = nn.Sequential(

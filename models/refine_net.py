@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amodal3d.errors import ConfigError
 from amodal3d.models.unet import UNet
 
 IN_CHANNELS = 7  # rgb 3, visible, occluded, coarse, coarse edges
@@ -86,7 +87,7 @@ class RefineNet(nn.Module):
     ) -> None:
         super().__init__()
         if gate not in GATES:
-            raise ValueError(f"model.gate={gate!r}: expected one of {', '.join(GATES)}")
+            raise ConfigError(f"model.gate={gate!r}: expected one of {', '.join(GATES)}")
         self.gate = gate
         self.region_specific = bool(region_specific)
         self.coarse_residual = bool(coarse_residual)

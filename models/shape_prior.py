@@ -19,6 +19,7 @@ from pytorch3d.structures import Meshes
 from torch import nn
 
 from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import LEGACY_PROTOCOL
 from amodal3d.models.mesh_renderer import make_silhouette_renderer, project
 from amodal3d.models.placement import FIT_MODES, PlacementHead, adjust_box, box_placement, placed_cameras
@@ -58,7 +59,7 @@ class ShapePrior(nn.Module):
         if spec["camera_source"] not in ("recon", "viewpoint"):
             raise ValueError(f"ShapePrior spec camera_source={spec['camera_source']!r}: expected recon or viewpoint")
         if spec["fit"] not in FIT_MODES:
-            raise ValueError(f"model.fit={spec['fit']!r}: expected one of {', '.join(FIT_MODES)}")
+            raise ConfigError(f"model.fit={spec['fit']!r}: expected one of {', '.join(FIT_MODES)}")
         self.spec = spec
         self.recon = freeze_(recon_net_from_spec(spec["recon"]))
         self.viewpoint = (freeze_(ViewpointNet.from_spec(spec["viewpoint"]))
@@ -134,7 +135,7 @@ class PriorAdapter(nn.Module, ABC):
     def __init__(self, render_size: int) -> None:
         super().__init__()
         if int(render_size) < 8:
-            raise ValueError(f"model.prior_render_size={render_size}: use at least 8 pixels")
+            raise ConfigError(f"model.prior_render_size={render_size}: use at least 8 pixels")
         self.render_size = int(render_size)
 
     @property

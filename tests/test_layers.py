@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"models": "models", "metrics": "metrics", "datamodules": "datamodules", "callbacks": "callbacks",
            "lightning_modules": "lightning_modules"}
-CORE = ("amodal3d.categories", "amodal3d.config", "amodal3d.atomic", "amodal3d.protocols")
+CORE = ("amodal3d.categories", "amodal3d.config", "amodal3d.atomic", "amodal3d.protocols", "amodal3d.errors")
 RUNNER = ("amodal3d.runs", "amodal3d.dependencies", "amodal3d.train", "amodal3d.slurm")
 APPS = ("amodal3d.bench", "amodal3d.predict", "amodal3d.cli", "amodal3d.__main__")
 # floor -> the floors it may import (its own included)

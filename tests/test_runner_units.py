@@ -122,3 +122,31 @@ def test_a_resumed_run_keeps_the_checkpoints_it_started_with(tmp_path: Path):
     given = _cfg(f"run.root={tmp_path / 'runs'}", f"run.checkpoints.recon={new}")
     given.stage = "viewpoint"
     assert keep_recorded_checkpoints(given, run_folder).run.checkpoints.recon == str(new)
+
+
+def test_the_cli_prints_a_user_error_as_one_line_and_keeps_other_tracebacks(tmp_path: Path, capsys, monkeypatch):
+    from amodal3d import cli
+    from amodal3d.errors import ConfigError, MissingCheckpointError, UserError
+
+    assert issubclass(ConfigError, ValueError) and issubclass(MissingCheckpointError, FileNotFoundError)
+    assert cli.main(["train", "--stage", "recon", "model.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no_such_key" in err and "\n" not in err
+    with pytest.raises(FileNotFoundError, match="no finished run of stage 'recon'"):
+        find_stage_checkpoint("recon", "default", root=str(tmp_path))
+
+    def broken(args):
+        raise ValueError("a bug deep inside")
+
+    with pytest.raises(UserError):
+        cli.main(["--traceback", "train", "--stage", "recon", "model.no_such_key=1"])
+
+    class Parser:  # a command whose code has a bug
+        def parse_args(self, argv):
+            import argparse
+
+            return argparse.Namespace(func=broken)
+
+    monkeypatch.setattr(cli, "build_parser", Parser)
+    with pytest.raises(ValueError, match="a bug deep inside"):  # not a user error: its traceback stays
+        cli.main(["stages"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from amodal3d.categories import CATEGORIES, category_index
+from amodal3d.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -44,7 +45,7 @@ class InputSet:
     category_of: dict  # input category (name or COCO id) -> CATEGORIES index (or an error string)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A bad input file or entry; its message names it."""
 
 

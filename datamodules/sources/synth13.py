@@ -18,6 +18,7 @@ from amodal3d.datamodules.sources.base import resolve_request
 from amodal3d.datamodules.sources.base import SPLITS, ObjectRenders, nmr_cameras
 from amodal3d.datamodules.sources.render import normalize_vertices, render_objects
 from amodal3d.datamodules.sources.synth13_shapes import build_shape
+from amodal3d.errors import ConfigError
 
 
 @dataclass
@@ -59,7 +60,7 @@ def load_synth13(data_cfg: Any, category: str, split: str) -> ObjectRenders:
         )
     views, size = int(data_cfg.views), int(data_cfg.render_size)
     if views <= 0 or size <= 0:
-        raise ValueError(f"data.views ({views}) and data.render_size ({size}) must be positive")
+        raise ConfigError(f"data.views ({views}) and data.render_size ({size}) must be positive")
     objects = [synth_object(name, split, k, int(data_cfg.seed)) for k in range(count)]
     cams = nmr_cameras(views)
     rgba = render_synth_objects(objects, cams, size)

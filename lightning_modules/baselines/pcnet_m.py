@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import gives_amodal_box, protocol_of
 from amodal3d.lightning_modules.common import AmodalStage
 from amodal3d.lightning_modules.registry import StageSpec
@@ -50,14 +51,14 @@ class PCNetMModule(AmodalStage):
         super().__init__(cfg)
         m = self.cfg.model
         if not 0.0 <= float(m.eraser_front_prob) <= 1.0:
-            raise ValueError(f"model.eraser_front_prob={m.eraser_front_prob}: expected a probability in [0, 1]")
+            raise ConfigError(f"model.eraser_front_prob={m.eraser_front_prob}: expected a probability in [0, 1]")
         if not 0.0 < float(m.eraser_scale_min) <= float(m.eraser_scale_max):
             raise ValueError(
                 f"model.eraser_scale_min={m.eraser_scale_min}, eraser_scale_max={m.eraser_scale_max}: "
                 "expected 0 < min <= max"
             )
         if str(m.test_eraser) not in TEST_ERASERS:
-            raise ValueError(f"model.test_eraser={m.test_eraser!r}: expected one of {', '.join(TEST_ERASERS)}")
+            raise ConfigError(f"model.test_eraser={m.test_eraser!r}: expected one of {', '.join(TEST_ERASERS)}")
         self.test_eraser = str(m.test_eraser)
         if self.test_eraser == "auto":
             self.test_eraser = "occluded" if gives_amodal_box(protocol_of(self.cfg)) else "outside_visible"
