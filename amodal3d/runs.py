@@ -12,15 +12,15 @@ import os
 import time
 from pathlib import Path
 
-from amodal3d.config import REPO_ROOT
 from amodal3d.errors import MissingCheckpointError
 
 SUMMARY = "summary.json"
 
 
 def runs_root(root: str | os.PathLike = "runs") -> Path:
-    p = Path(root)
-    return p if p.is_absolute() else REPO_ROOT / p
+    """run.root as a path: a relative one is taken from the current directory, as data.root
+    is (make runs every command from the repository root)."""
+    return Path(root).absolute()
 
 
 def new_run_id() -> str:

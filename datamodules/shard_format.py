@@ -61,7 +61,8 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
 
 def read_manifest(root: str | os.PathLike) -> dict:
     """The manifest of a dataset folder, after checking its schema version."""
-    path = Path(root) / MANIFEST
+    root = Path(root).absolute()  # errors name the folder whatever the current directory
+    path = root / MANIFEST
     if not path.is_file():
         raise DatasetError(
             f"{path} not found: {root} is not a built dataset (or its build did not finish); "

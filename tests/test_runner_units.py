@@ -150,3 +150,17 @@ def test_the_cli_prints_a_user_error_as_one_line_and_keeps_other_tracebacks(tmp_
     monkeypatch.setattr(cli, "build_parser", Parser)
     with pytest.raises(ValueError, match="a bug deep inside"):  # not a user error: its traceback stays
         cli.main(["stages"])
+
+
+def test_relative_data_and_run_roots_follow_the_current_directory(tmp_path: Path, monkeypatch):
+    """One rule for both: a relative data.root and run.root are taken from the current directory."""
+    from amodal3d.runs import runs_root
+
+    monkeypatch.chdir(tmp_path)
+    assert runs_root("runs") == tmp_path / "runs"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "runs" / "default" / "recon")):
+        find_stage_checkpoint("recon", "default", root="runs")
+    from amodal3d.datamodules.shard_format import read_manifest
+
+    with pytest.raises(Exception, match=str(tmp_path / "data" / "x")):
+        read_manifest("data/x")

@@ -206,13 +206,13 @@ def evaluate_all(
             continue
         print(f"[bench] {name}: mIoU {100 * float(res['miou']):.1f} ({res['seconds']:.1f}s)", flush=True)
         evaluated.append(MethodResult.from_metric(
-            name, res, stage=stage, checkpoint=_rel(ckpt), seconds=res["seconds"],
+            name, res, stage=stage, checkpoint=relative_to_repo(ckpt), seconds=res["seconds"],
             reference=stage is None))
     # the reference rows first, then evaluated methods, then those that could not be evaluated
     return evaluated + rows
 
 
-def _rel(p: Path | None) -> str:
+def relative_to_repo(p: Path | None) -> str:
     """A checkpoint path relative to the repo root when inside it (shorter table notes)."""
     if p is None:
         return ""

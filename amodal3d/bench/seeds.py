@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import OmegaConf
 
-from amodal3d.config import REPO_ROOT
+from amodal3d.bench.evaluate import relative_to_repo
 
 SEEDED_STAGES = ("refine_2d", "refine", "joint")
 
@@ -75,7 +75,7 @@ def seed_results(cfg, experiments: list[str], device: torch.device, max_batches:
                 continue
             entry = MethodEntry(rows[stage].name, stage, ckpt)
             res = evaluate_module(load_method(entry, device, cfg), loader, device, max_batches)
-            run = {"experiment": exp, "seed": _seed_of(ckpt), "checkpoint": _rel(ckpt),
+            run = {"experiment": exp, "seed": _seed_of(ckpt), "checkpoint": relative_to_repo(ckpt),
                    "miou": float(res["miou"]), "miou_occ": float(res["miou_occ"])}
             rows[stage].runs.append(run)
             scored[stage] = run
@@ -87,13 +87,6 @@ def seed_results(cfg, experiments: list[str], device: torch.device, max_batches:
         if stage in scored:
             ours.runs.append(dict(scored[stage], stage=stage))
     return [r for r in (*rows.values(), ours) if r.runs], refs
-
-
-def _rel(p) -> str:
-    try:
-        return str(p.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(p)
 
 
 def _pm(row: SeedRow, key: str) -> str:
