@@ -28,12 +28,16 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], None], d
     durable: fsync the file and its folder (datasets; a crash must not lose the rename)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a crash leaves at most this (builds clean *.tmp)
-    write(tmp)
-    if durable:
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a killed process leaves at most this (builds clean *.tmp)
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # an error, not a kill: leave nothing behind
+        raise
     if durable:
         _fsync_dir(out.parent)
     return out
