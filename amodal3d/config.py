@@ -9,6 +9,7 @@ lightning_modules.registry); everything else is shared.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -92,7 +93,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: str = "cosine"  # cosine (stepped per epoch) | none
+    scheduler: str = "cosine"  # cosine (per optimizer step over the run) | cosine_epoch | none
 
 
 @dataclass
@@ -105,6 +106,9 @@ class RunConfig:
     monitor: str = "val/miou"
     monitor_mode: str = "max"
     image_log_every_n_epochs: int = 1
+    # how often the non-finite-loss flag is read on the host: 1 = before every optimizer step
+    # (exact; a host sync per step), n > 1 = every n steps and before each checkpoint (GPU runs)
+    finite_check_every_n_steps: int = 1
     checkpoints: dict[str, str] = field(default_factory=dict)  # stage -> ckpt path override
 
 
@@ -243,7 +247,36 @@ def load_config(
 
     if cfg.protocol not in PROTOCOLS:
         raise ConfigError(f"protocol={cfg.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    check_values(cfg)
     return cfg
+
+
+#: keys that count something and must be >= 1 (objects_per_split may hold 0: a split not built)
+POSITIVE_KEYS = (
+    "data.views", "data.render_size", "data.image_size", "loader.batch_size", "loader.crop_size",
+    "trainer.max_epochs", "run.finite_check_every_n_steps", "run.image_log_every_n_epochs",
+)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values a type check lets through but no run can use: a non-finite number anywhere,
+    a negative count, a zero size or batch."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, DictConfig):
+                walk(value, dotted + ".")
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{dotted}={value}: must be a finite number")
+
+    walk(cfg, "")
+    for dotted in POSITIVE_KEYS:
+        value = OmegaConf.select(cfg, dotted)
+        if value is not None and int(value) < 1:
+            raise ConfigError(f"{dotted}={value}: must be at least 1")
+    for split, n in (OmegaConf.select(cfg, "data.objects_per_split") or {}).items():
+        if int(n) < 0:
+            raise ConfigError(f"data.objects_per_split.{split}={n}: must be >= 0 (0: the split is not built)")
 
 
 def dataclass_keys(dc: type) -> list[str]:

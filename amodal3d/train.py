@@ -94,6 +94,7 @@ def _progress_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], bool]:
 def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """A Trainer whose logs and checkpoints live in the run folder `out`."""
     from amodal3d.callbacks.step_seed import StepSeed
+    from amodal3d.callbacks.ddp_buffers import BroadcastBuffersBeforeEval
     from amodal3d.callbacks.guards import FiniteLossGuard
 
     t = cfg.trainer
@@ -119,7 +120,9 @@ def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] |
         enable_version_counter=False,
     )
     progress, bar = _progress_callbacks(cfg)
-    callbacks = [best, last, LearningRateMonitor(logging_interval="epoch"), FiniteLossGuard(), StepSeed(cfg.seed), *progress]
+    callbacks = [best, last, LearningRateMonitor(logging_interval="epoch"),
+                 FiniteLossGuard(int(cfg.run.finite_check_every_n_steps)), StepSeed(cfg.seed),
+                 BroadcastBuffersBeforeEval(), *progress]
     callbacks += extra_callbacks or []
     strategy = t.strategy
     if strategy == "auto" and world_size(cfg) > 1:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, get_worker_info
 
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import GT_BOX, GT_VISIBLE, check_protocol
 from amodal3d.datamodules.shard_reader import SplitReader
 from amodal3d.datamodules.split_datamodule import SplitDataModule
@@ -375,15 +376,24 @@ class EpochSeededSampler(Sampler[int]):
         return self.n
 
 
-def make_sampler(dataset: Dataset, train: bool, seed: int) -> Sampler[int]:
+def make_sampler(dataset: Dataset, train: bool, seed: int, split: str = "") -> Sampler[int]:
     """Training: a (seed, epoch)-determined shuffle, split over ranks under DDP.
     Evaluation: sequential, and under DDP each instance on exactly one rank
     (no padding duplicates), so a metric reduced by sum equals the
-    single-process value."""
+    single-process value. An evaluation split smaller than the world size is
+    refused: Lightning skips the epoch on a rank without batches, and the
+    other ranks would wait for it forever in the metric's sync."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and torch.distributed.get_world_size() > 1:
         if train:
             return DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+        world = torch.distributed.get_world_size()
+        if len(dataset) < world:
+            raise ConfigError(
+                f"the {split or 'evaluation'} split holds {len(dataset)} instance(s), fewer than the {world} DDP "
+                f"processes: every process needs at least one batch. Build more objects "
+                f"(data.objects_per_split.{split or '<split>'}) or run on fewer devices (trainer.devices)."
+            )
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
         return UnrepeatedDistributedSampler(dataset, shuffle=False)
@@ -416,6 +426,6 @@ class CropDataModule(SplitDataModule):
 
     def make_loader(self, ds: CropDataset, split: str) -> DataLoader:
         return DataLoader(
-            ds, sampler=make_sampler(ds, split == "train", self.seed), drop_last=False,
+            ds, sampler=make_sampler(ds, split == "train", self.seed, split), drop_last=False,
             collate_fn=collate_views if ds.views_per_item > 1 else collate_crops, **self.loader_kwargs(),
         )

@@ -9,6 +9,7 @@ method is evaluated by exactly the same code.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import lightning as L
@@ -33,18 +34,53 @@ def with_schema_defaults(model_cfg, schema) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(schema), model_cfg)
 
 
+SCHEDULERS = ("cosine", "cosine_epoch", "none")
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, cfg: DictConfig, total_steps: int | None, eta_min=None):
+    """Lightning's lr_scheduler entry for optim.scheduler (None for `none`): a cosine from
+    each parameter group's lr down to its eta_min (default 1% of optim.lr; a list: one per
+    group), stepped at every optimizer step over the run's `total_steps`
+    (trainer.estimated_stepping_batches) for `cosine`, or once per epoch over
+    trainer.max_epochs for `cosine_epoch` (what the 3D chain of docs/results.md was
+    trained with: it stays constant in a one-epoch stage)."""
+    name = cfg.optim.scheduler
+    if name not in SCHEDULERS:
+        raise ConfigError(f"optim.scheduler={name!r}: expected one of {', '.join(SCHEDULERS)}")
+    if name == "none":
+        return None
+    if name == "cosine":
+        if not total_steps or not math.isfinite(total_steps):
+            raise ConfigError("optim.scheduler=cosine steps over the run's optimizer steps, which are unknown here "
+                              "(no trainer, or trainer.max_epochs=-1 without max_steps): set trainer.max_steps "
+                              "or use optim.scheduler=cosine_epoch")
+        length, interval = int(total_steps), "step"
+    else:
+        length, interval = max(int(cfg.trainer.max_epochs), 1), "epoch"
+    floors = eta_min if isinstance(eta_min, (list, tuple)) else [
+        float(cfg.optim.lr) * 0.01 if eta_min is None else float(eta_min)] * len(opt.param_groups)
+
+    def cosine(base: float, floor: float):
+        rel = floor / base if base > 0 else 0.0
+        return lambda t: rel + (1.0 - rel) * 0.5 * (1.0 + math.cos(math.pi * min(t, length) / length))
+
+    lambdas = [cosine(float(g["lr"]), floor) for g, floor in zip(opt.param_groups, floors)]
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambdas), "interval": interval}
+
+
+def total_steps(module: L.LightningModule) -> int | None:
+    """The run's optimizer steps (None outside a trainer)."""
+    trainer = getattr(module, "_trainer", None)
+    return trainer.estimated_stepping_batches if trainer is not None else None
+
+
 def build_optimizer(module: L.LightningModule, cfg: DictConfig, params=None):
-    """AdamW over `params` (default: trainable parameters) with an optional cosine schedule."""
+    """AdamW over `params` (default: trainable parameters) with optim.scheduler's schedule."""
     params = params if params is not None else [p for p in module.parameters() if p.requires_grad]
     o = cfg.optim
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-    if o.scheduler == "none":
-        return opt
-    if o.scheduler != "cosine":
-        raise ConfigError(f"optim.scheduler={o.scheduler!r}: expected 'cosine' or 'none'")
-    epochs = max(int(cfg.trainer.max_epochs), 1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=o.lr * 0.01)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+    sched = lr_scheduler(opt, cfg, total_steps(module) if o.scheduler == "cosine" else None)
+    return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
 
 class AmodalStage(L.LightningModule, ABC):
@@ -116,12 +152,20 @@ class AmodalStage(L.LightningModule, ABC):
         logged: dict[str, float] = {}
         metrics = getattr(self, "eval_metrics", None)
         for name, metric in (metrics[split].items() if metrics is not None else ()):
-            if metric.update_count:  # a split without batches logs nothing
+            if self._updated_on_any_rank(metric):  # a split without batches logs nothing
                 for key, value in self.eval_logs(split, name, metric.compute()).items():
                     self.log(key, value, sync_dist=False)
                     logged[key] = float(value)
             metric.reset()
         self.on_eval_epoch_end(split, logged)
+
+    def _updated_on_any_rank(self, metric) -> bool:
+        """One decision for every rank: compute() syncs across ranks, so a rank whose
+        batches never updated this metric must still call it when another rank did."""
+        count = torch.tensor(float(metric.update_count), device=self.device)
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return bool(count > 0)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")

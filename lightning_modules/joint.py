@@ -19,7 +19,6 @@ and benchmark like refine's.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from omegaconf import OmegaConf
 from amodal3d.errors import ConfigError
 from amodal3d.protocols import unknown_pixels
 from amodal3d.lightning_modules.checkpoints import checkpoint_hparams, dependency, read_checkpoint
-from amodal3d.lightning_modules.common import as_config
+from amodal3d.lightning_modules.common import as_config, lr_scheduler, total_steps
 from amodal3d.lightning_modules.refine import RefineModelConfig, RefineStage, prior_dependencies
 from amodal3d.lightning_modules.registry import StageSpec
 
@@ -174,17 +173,10 @@ class JointStage(RefineStage):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.stage_parameter_groups(), weight_decay=o.weight_decay, betas=tuple(o.betas))
-        if o.scheduler == "none":
-            return opt
-        if o.scheduler != "cosine":
-            raise ConfigError(f"optim.scheduler={o.scheduler!r}: expected 'cosine' or 'none'")
-        epochs = max(int(self.cfg.trainer.max_epochs), 1)
-
-        def factor(epoch: int) -> float:  # cosine from each group's lr to 1% of it
-            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        # each stage's group decays to 1% of its own lr
+        sched = lr_scheduler(opt, self.cfg, total_steps(self) if o.scheduler == "cosine" else None,
+                             eta_min=[0.01 * float(g["lr"]) for g in opt.param_groups])
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
 
 def joint_dependencies(cfg, find) -> dict:

@@ -234,7 +234,8 @@ class ReconStage(AmodalStage):
         if meshes is None:
             return nan
         return view_frame_chamfer(
-            out["verts"].detach(), self.net.faces, out["camera"].detach(), meshes, batch["eval_camera"].float()
+            out["verts"].detach(), self.net.faces, out["camera"].detach(), meshes, batch["eval_camera"].float(),
+            seeds=batch["index"],  # per-instance samples: the same distance in any batch, on any rank
         )
 
     def _same_views(self, batch: dict, split: str) -> torch.Tensor:

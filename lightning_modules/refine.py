@@ -20,7 +20,8 @@ weights in the state dict, so a refine checkpoint with the recon prior reloads
 without the recon checkpoint.
 
 A frozen prior is a deterministic function of each crop, so during fit its coarse
-masks are cached per instance (uint8), and the prior runs once per instance.
+masks are cached per instance (training: uint8; validation: exact, so the figures
+that choose the best checkpoint equal a reload's), and the prior runs once per instance.
 
 Evaluation-only variant: `camera_source="true"` feeds refine the render of the
 predicted shape from the true camera (`eval_camera`, mapped into the learned
@@ -291,11 +292,14 @@ class RefineStage(AmodalStage):
         missing = [i for i, k in enumerate(keys) if k not in cache]
         if missing:
             fresh = self._run_prior(_rows(batch, missing) if len(missing) < len(keys) else batch)
-            q = (fresh.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            # training inputs quantised to uint8 (memory); validation kept exact, so the figures
+            # that choose the best checkpoint are those a reload of it scores
+            q = (fresh.clamp(0, 1) * 255).round().to(torch.uint8).cpu() if split == "train" else fresh.cpu()
             for j, i in enumerate(missing):
                 cache[keys[i]] = q[j]
         dev = batch["visible"].device
-        return torch.stack([cache[k] for k in keys]).to(dev).float() / 255.0
+        stacked = torch.stack([cache[k] for k in keys]).to(dev)
+        return stacked.float() / 255.0 if split == "train" else stacked
 
     # -- the true-camera evaluation variant -------------------------------------------------
     def mapped_true_camera(self, batch: dict) -> torch.Tensor:

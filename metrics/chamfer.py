@@ -38,11 +38,14 @@ def view_frame_chamfer(
     true_meshes: list[tuple[torch.Tensor, torch.Tensor]],
     true_camera: torch.Tensor,
     num_points: int = 2000,
+    seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) Chamfer distance (pytorch3d, squared L2, both directions) between the
     predicted mesh seen from the predicted camera and the true mesh seen from the
     true camera, each normalised (bbox centred, diagonal 1): a view-centred 3D error
-    that needs no alignment of the learned canonical frame."""
+    that needs no alignment of the learned canonical frame. The surface samples are
+    random: `seeds` (B,) draws each instance's under its own seed, so a distance does
+    not depend on the batch it came in (DDP and one process agree)."""
     from pytorch3d.ops import sample_points_from_meshes
     from pytorch3d.structures import Meshes
 
@@ -54,9 +57,18 @@ def view_frame_chamfer(
     true_tf = make_cameras(true_camera.to(dev)).get_world_to_view_transform()
     true_verts = [m[0].to(dev) for m in true_meshes]
     true_view = [true_tf[i].transform_points(v[None])[0] for i, v in enumerate(true_verts)]
-    pred_pts = sample_points_from_meshes(Meshes(pred_view, faces[None].expand(b, -1, -1)), num_points)
-    true_pts = sample_points_from_meshes(Meshes(true_view, [m[1].to(dev) for m in true_meshes]), num_points)
-    return point_chamfer(pred_pts, true_pts)
+    pred_faces, true_faces = [faces] * b, [m[1].to(dev) for m in true_meshes]
+    if seeds is None:
+        pred_pts = sample_points_from_meshes(Meshes(list(pred_view), pred_faces), num_points)
+        true_pts = sample_points_from_meshes(Meshes(true_view, true_faces), num_points)
+        return point_chamfer(pred_pts, true_pts)
+    pred_pts, true_pts = [], []
+    for i, seed in enumerate(seeds.tolist()):
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(int(seed))
+            pred_pts.append(sample_points_from_meshes(Meshes([pred_view[i]], [pred_faces[i]]), num_points))
+            true_pts.append(sample_points_from_meshes(Meshes([true_view[i]], [true_faces[i]]), num_points))
+    return point_chamfer(torch.cat(pred_pts), torch.cat(true_pts))
 
 
 class ViewFrameChamfer(Metric):
@@ -75,8 +87,10 @@ class ViewFrameChamfer(Metric):
         self.add_state("count", default=torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, verts: torch.Tensor, faces: torch.Tensor, camera: torch.Tensor,
-               true_meshes: list[tuple[torch.Tensor, torch.Tensor]], true_camera: torch.Tensor) -> None:
-        dist = view_frame_chamfer(verts, faces, camera, true_meshes, true_camera, num_points=self.num_points)
+               true_meshes: list[tuple[torch.Tensor, torch.Tensor]], true_camera: torch.Tensor,
+               seeds: torch.Tensor | None = None) -> None:
+        dist = view_frame_chamfer(verts, faces, camera, true_meshes, true_camera, num_points=self.num_points,
+                                  seeds=seeds)
         dist = dist[torch.isfinite(dist)].to(self.chamfer_sum.device)
         self.chamfer_sum += dist.sum(dtype=torch.float64)
         self.count += dist.numel()

@@ -30,6 +30,12 @@ def observed_pixels(batch: dict) -> torch.Tensor:
     return (vis * (1.0 - occ)).reshape(vis.shape[0], 1, *vis.shape[-2:])
 
 
+def _finished_schedule_if_missing(module, state_dict, prefix, *args) -> None:
+    """A state dict saved before the schedule state was: the schedule had finished
+    (full offsets, ties broken when a margin is set), as those checkpoints were used."""
+    state_dict.setdefault(prefix + "_extra_state", {"offset_scale": 1.0, "break_ties": module.tie_margin > 0})
+
+
 class ReconNet(nn.Module):
     """Crop -> symmetric mesh + camera, and their silhouette in the crop frame.
 
@@ -69,6 +75,9 @@ class ReconNet(nn.Module):
             elevation_range=tuple(m.elevation_range), distance_range=tuple(m.distance_range),
         )
         self.offset_scale = 1.0  # set by the stage during the offset warm-up
+        # the schedule state is part of the weights: a checkpoint taken mid warm-up reloads
+        # as the model that was validated (checkpoints from before: the finished schedule)
+        self.register_load_state_dict_pre_hook(_finished_schedule_if_missing)
         self.renderer = CropRenderer(
             sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend)
         )
@@ -81,6 +90,13 @@ class ReconNet(nn.Module):
             int(m.feat_dim), num_categories, geometry_dim=4, max_log_scale=float(m.box_max_log_scale),
             max_shift=float(m.box_max_shift),
         )
+
+    def get_extra_state(self) -> dict:
+        return {"offset_scale": float(self.offset_scale), "break_ties": bool(self.break_ties)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.offset_scale = float(state["offset_scale"])
+        self.break_ties = bool(state["break_ties"])
 
     @property
     def faces(self) -> torch.Tensor:

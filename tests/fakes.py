@@ -110,3 +110,22 @@ class LabelGuard(dict):
 #: what a gt-visible batch must never be read for (training: the amodal box; test: also the unknown pixels)
 GT_VISIBLE_TRAIN_HIDDEN = ("amodal_box",)
 GT_VISIBLE_TEST_HIDDEN = ("amodal_box", "unknown")
+
+
+def write_run(module, root: Path, stage: str, run_id: str = "r1", experiment: str = "default") -> Path:
+    """A finished run folder as the runner leaves it: config.yaml, checkpoints/best.ckpt and
+    summary.json, for a module built (untrained) in the test."""
+    import json
+
+    import lightning as L
+    import torch
+
+    from amodal3d.config import save_config
+
+    run = root / experiment / stage / run_id
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, run / "checkpoints" / "best.ckpt")
+    save_config(module.cfg, run / "config.yaml")
+    (run / "summary.json").write_text(json.dumps({"stage": stage, "run_id": run_id}))
+    return run / "checkpoints" / "best.ckpt"

@@ -133,3 +133,15 @@ def test_chamfer_metric_over_batches_equals_the_functional_on_all_instances():
     # and it is the `chamfer` camera_errors reports from the same per-instance distances
     rows = torch.cat([torch.zeros(4, 1), cams, true_cams, want[:, None]], dim=1)
     torch.testing.assert_close(metric.compute().float(), camera_errors(rows, 13)["chamfer"])
+
+
+def test_seeded_chamfer_of_an_instance_does_not_depend_on_its_batch():
+    pred, faces, cams, true, true_cams = _meshes()
+    seeds = torch.tensor([11, 12, 13, 14])
+    whole = view_frame_chamfer(pred, faces, cams, true, true_cams, num_points=150, seeds=seeds)
+    torch.rand(7)  # the global RNG moved on: no effect
+    parts = torch.cat([view_frame_chamfer(pred[s], faces, cams[s], true[s], true_cams[s], num_points=150,
+                                          seeds=seeds[s]) for s in (slice(2, 4), slice(0, 2))])
+    torch.testing.assert_close(whole, parts[[2, 3, 0, 1]], rtol=0, atol=0)
+    other = view_frame_chamfer(pred, faces, cams, true, true_cams, num_points=150, seeds=seeds + 100)
+    assert not torch.equal(whole, other)  # the seed does pick the samples

@@ -20,7 +20,8 @@ from amodal3d.bench.ours import load_stage_module, ours_checkpoint
 from amodal3d.dependencies import resolve_checkpoints
 from amodal3d.lightning_modules.refine import RefineStage
 from amodal3d.models.shape_prior import ReconShapePrior
-from test_refine import RECON_SMALL, SMALL, data_ov, write_run
+from fakes import write_run
+from test_refine import RECON_SMALL, SMALL, data_ov
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,18 @@ runs through the runner on a tiny dataset."""
 
 from __future__ import annotations
 
-import json
 
 import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from amodal3d.config import load_config, save_config
+from amodal3d.config import load_config
 from amodal3d.bench.ours import OURS, OURS_TRUE_CAMERA, ours_checkpoint, ours_rows
 from amodal3d.bench.true_camera import fit_camera_map
 from amodal3d.dependencies import resolve_checkpoints
@@ -26,7 +24,7 @@ from amodal3d.lightning_modules.refine import RefineStage, build_prior, map_true
 from amodal3d.lightning_modules.refine_2d import Refine2DStage
 from amodal3d.models.refine_net import RefineNet, loss_regions, region_losses, soft_edges
 from amodal3d.models.shape_prior import ReconShapePrior, RenderShapePrior
-from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset, tiny_overrides
+from fakes import GT_VISIBLE_TRAIN_HIDDEN, LabelGuard, build_fake_dataset, tiny_overrides, write_run
 
 S = 32
 SMALL = ["model.base_channels=4", "model.depth=2", "model.prior_render_size=16", "loader.batch_size=8"]
@@ -81,19 +79,6 @@ def crop_batch(b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def refine_cfg(*extra: str, stage: str = "refine"):
     return load_config(stage, overrides=SMALL + ["loader.crop_size=32", *extra])
-
-
-def write_run(
-    module: L.LightningModule, root: Path, stage: str, run_id: str = "r1", experiment: str = "default"
-) -> Path:
-    """A run folder as the runner leaves it: config.yaml and checkpoints/best.ckpt."""
-    run = root / experiment / stage / run_id
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, run / "checkpoints" / "best.ckpt")
-    save_config(module.cfg, run / "config.yaml")
-    (run / "summary.json").write_text(json.dumps({"stage": stage, "run_id": run_id}))  # a finished run
-    return run / "checkpoints" / "best.ckpt"
 
 
 # -- the network and its losses ---------------------------------------------------------------
