@@ -81,22 +81,30 @@ def _cmd_stages(args: argparse.Namespace) -> int:
 def _cmd_slurm(args: argparse.Namespace) -> int:
     from amodal3d.slurm import SlurmRequest, write_and_submit
 
+    from amodal3d.errors import ConfigError
+
     sweep: tuple[str, ...] = ()
     if args.sweep:
+        if not Path(args.sweep).is_file():
+            raise ConfigError(f"sweep file {args.sweep} not found (SWEEP=<file with one line of overrides per task>)")
         lines = Path(args.sweep).read_text().splitlines()
         sweep = tuple(ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
         if not sweep:
-            raise ValueError(f"sweep file {args.sweep} has no override lines")
-    # fail early on a bad stage, experiment or override, before anything is submitted
+            raise ConfigError(f"sweep file {args.sweep} has no override lines")
+    # fail early on a bad stage, experiment, override or batch split, before anything is written
     from amodal3d.config import load_config
+    from amodal3d.slurm import check_batch_size
 
-    load_config(args.stage, args.exp, args.overrides, debug=args.debug)
+    cfg = load_config(args.stage, args.exp, args.overrides, debug=args.debug)
     req = SlurmRequest(
         stage=args.stage, experiment=args.exp, nodes=args.nodes, gpus=args.gpus, time=args.time,
         partition=args.partition, cpus_per_task=args.cpus, overrides=tuple(args.overrides),
         sweep=sweep, account=args.account, debug=args.debug,
     )
-    path, job = write_and_submit(req, dry_run=args.dry_run)
+    check_batch_size(cfg, req)
+    for line in sweep:  # every array task's config must load and split its batch too
+        check_batch_size(load_config(args.stage, args.exp, [*args.overrides, *line.split()], debug=args.debug), req)
+    path, job = write_and_submit(req, dry_run=args.dry_run, root=cfg.run.root)
     if args.dry_run:
         print(path.read_text(), end="")
         print(f"[slurm] dry run: wrote {path} (not submitted)")
@@ -208,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # what the user gave is wrong: one line, exit 2 (other errors keep their traceback)
         if traceback:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # one line whatever the message holds (a message is written as one line; this is the guarantee)
+        line = " | ".join(part.strip() for part in str(err).splitlines() if part.strip())
+        print(f"error: {line or type(err).__name__}", file=sys.stderr)
         return 2
 
 

@@ -149,7 +149,8 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> Co
         return ConfigError(
             f"{origin}: unknown config key '{key}'.{hint} Valid keys here: {', '.join(sorted(valid))}"
         )
-    return ConfigError(f"{origin}: invalid value for '{key}': {err.msg if hasattr(err, 'msg') else err}")
+    msg = str(err.msg if hasattr(err, "msg") else err).strip().splitlines() or [type(err).__name__]
+    return ConfigError(f"{origin}: invalid value for '{key}': {msg[0]}")  # the first line says it all
 
 
 def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
@@ -200,7 +201,10 @@ def load_config(
     elif model_schema is None:
         from amodal3d.lightning_modules.registry import get_stage
 
-        model_schema = get_stage(stage).model_schema
+        try:
+            model_schema = get_stage(stage).model_schema
+        except ValueError as err:  # an unknown stage name: the message lists the valid ones
+            raise ConfigError(f"--stage {stage}: {err}") from None
     schema = OmegaConf.structured(Config)
     schema.model = OmegaConf.structured(model_schema) if is_dataclass(model_schema) else {}
     OmegaConf.set_struct(schema, True)

@@ -20,6 +20,20 @@ from amodal3d.runs import find_stage_checkpoint
 Finder = Callable[..., "str | None"]
 
 
+def check_checkpoint_stage(path: str | Path, stage: str) -> None:
+    """A checkpoint given as run.checkpoints.<stage> must be readable and of that stage (a
+    refine checkpoint given as the recon one would otherwise fail deep inside the build).
+    `amodal3d train` checks the paths given on its command line with it."""
+    from amodal3d.errors import CheckpointError
+    from amodal3d.lightning_modules.checkpoints import checkpoint_hparams
+
+    cfg = checkpoint_hparams(path).get("cfg") or {}
+    got = cfg.get("stage") if hasattr(cfg, "get") else None
+    if got is not None and str(got) != stage:
+        raise CheckpointError(f"run.checkpoints.{stage}={path}: a checkpoint of stage {got!r}, not {stage!r}; "
+                              f"give the best.ckpt of a {stage} run (runs/<experiment>/{stage}/<run_id>/checkpoints/)")
+
+
 def make_finder(cfg: DictConfig) -> Finder:
     """A `find` over cfg's runs root that honours explicit run.checkpoints.<stage> paths."""
     explicit = cfg.run.checkpoints

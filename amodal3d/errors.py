@@ -20,3 +20,11 @@ class CheckpointError(UserError, ValueError):
 
 class MissingCheckpointError(UserError, FileNotFoundError):
     """A checkpoint (or a finished run of a stage) that does not exist."""
+
+
+class DatasetError(UserError, RuntimeError):
+    """A dataset folder, or the object source it is built from, that cannot be read as it should."""
+
+
+class InputError(UserError, ValueError):
+    """A bad input file or entry of `predict`; its message names it."""

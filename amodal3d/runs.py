@@ -84,3 +84,19 @@ def find_stage_checkpoint(
         f"train it first with `make train STAGE={stage}{exp_arg}` "
         f"or set run.checkpoints.{stage}=<path/to.ckpt>"
     )
+
+
+def resume_checkpoint(root: str | os.PathLike, experiment: str, stage: str, run_id: str) -> Path:
+    """last.ckpt of the run `run_id` to resume, or a MissingCheckpointError naming the run id,
+    where it was looked for and the run ids that exist."""
+    base = runs_root(root) / experiment / stage
+    last = base / run_id / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    known = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name != "slurm") if base.is_dir() else []
+    what = "no such run" if not (base / run_id).is_dir() else f"{last} does not exist"
+    have = f"runs here: {', '.join(known)}" if known else "no run of this stage yet"
+    raise MissingCheckpointError(
+        f"cannot resume run {run_id!r} of stage {stage!r}: {what} under {base} ({have}); "
+        "give RESUME (--resume) the id of a run folder with checkpoints/last.ckpt"
+    )

@@ -44,6 +44,19 @@ def _check(req: SlurmRequest) -> None:
         raise ConfigError(f"slurm: TIME={req.time!r} is not a SLURM time (e.g. 04:00:00 or 1-12:00:00)")
 
 
+def check_batch_size(cfg, req: SlurmRequest) -> None:
+    """The job's global loader.batch_size must split evenly over its NODES x GPUS processes
+    (what the runner checks at start-up, refused here before anything is submitted)."""
+    world = req.nodes * req.gpus
+    bs = int(cfg.loader.batch_size)
+    if bs % world:
+        raise ConfigError(
+            f"slurm: loader.batch_size={bs} is the global batch size and must divide evenly over the "
+            f"{world} GPU processes (NODES={req.nodes} x GPUS={req.gpus}); choose a multiple of {world} "
+            f"or another GPUS/NODES"
+        )
+
+
 def render_sbatch(req: SlurmRequest, log_dir: Path, python: str = ".venv/bin/python") -> str:
     """The sbatch script text for `req` (deterministic: no timestamps inside)."""
     _check(req)

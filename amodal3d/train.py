@@ -18,9 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from amodal3d.config import ConfigError, load_config, save_config
-from amodal3d.dependencies import keep_recorded_checkpoints, resolve_checkpoints
+from amodal3d.dependencies import check_checkpoint_stage, keep_recorded_checkpoints, resolve_checkpoints
 from amodal3d.atomic import write_json_atomic
-from amodal3d.runs import SUMMARY, new_run_id, run_dir, runs_root
+from amodal3d.runs import SUMMARY, new_run_id, resume_checkpoint, run_dir
 from amodal3d.lightning_modules.registry import StageSpec, get_stage
 
 
@@ -175,14 +175,8 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
     """
     root = cfg.run.root
     if cfg.run.resume:
-        out = run_dir(root, cfg.experiment, cfg.stage, cfg.run.resume)
-        last = out / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise FileNotFoundError(
-                f"cannot resume run {cfg.run.resume!r}: {last} does not exist "
-                f"(runs of this stage are under {runs_root(root) / cfg.experiment / cfg.stage})"
-            )
-        return out, str(last)
+        last = resume_checkpoint(root, cfg.experiment, cfg.stage, cfg.run.resume)
+        return run_dir(root, cfg.experiment, cfg.stage, cfg.run.resume), str(last)
     run_id = cfg.run.run_id or shared_run_id(cfg)
     out = run_dir(root, cfg.experiment, cfg.stage, run_id)
     cfg.run.run_id = run_id
@@ -192,10 +186,13 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
 def train(cfg: DictConfig) -> dict:
     """Train one stage as configured; returns the run summary."""
     spec = get_stage(cfg.stage)
-    L.seed_everything(int(cfg.seed), workers=True)
+    given = {str(k): str(v) for k, v in cfg.run.checkpoints.items() if v}  # run.checkpoints.<stage>=<path>
     out, ckpt_path = prepare_run(cfg)
     keep_recorded_checkpoints(cfg, out)  # resume / requeue: the inputs it started with
     resolve_checkpoints(cfg, spec)
+    for stage, path in given.items():
+        check_checkpoint_stage(path, stage)  # readable, and of that stage
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # after the checks that may refuse the run
     from amodal3d.datamodules.build import ensure_dataset
 
     ensure_dataset(cfg.data)

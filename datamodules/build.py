@@ -108,7 +108,8 @@ def _splits(cfg: dict) -> list[str]:
     if cfg["composite"] == "paste":
         out = [s for s in out if int(dict(cfg["paste_images_per_split"]).get(s, 0)) > 0]
     if not out:
-        raise ValueError("data config builds no split: every objects_per_split (or paste_images_per_split) is 0")
+        raise ConfigError("data config builds no split: every data.objects_per_split (or data.paste_images_per_split) "
+                          "is 0; give at least one split a count")
     return out
 
 
@@ -124,15 +125,16 @@ def _default_load_objects() -> LoadObjects:
 
 
 class _Progress:
-    """tqdm on a terminal, plain periodic lines otherwise."""
+    """tqdm on a terminal, plain periodic lines otherwise; on stdout, so that stderr holds
+    only what went wrong (the CLI's one `error:` line)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.enabled, self.total, self.done, self.t0 = enabled, total, 0, time.time()
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="img", desc="data", dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="img", desc="data", dynamic_ncols=True, file=sys.stdout)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -146,7 +148,7 @@ class _Progress:
             self.bar.set_postfix_str(msg[:60])
         else:
             el = time.time() - self.t0
-            print(f"[data {el:6.0f}s {self.done}/{self.total}] {msg}", file=sys.stderr, flush=True)
+            print(f"[data {el:6.0f}s {self.done}/{self.total}] {msg}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -322,7 +324,10 @@ def _claim_folder(root: Path, gen: dict) -> None:
     """Record the generator config of a build in progress; refuse a different one."""
     p = root / GENERATOR_FILE
     if p.is_file():
-        old = json.loads(p.read_text())
+        try:
+            old = json.loads(p.read_text())
+        except (OSError, ValueError) as err:
+            raise BuildConfigError(f"{p}: cannot read the config of a partial build ({err}); delete {root}") from None
         if old != gen:
             raise BuildConfigError(
                 f"{root} holds a partial build with another data config ({_diff(old, gen)}); "
@@ -358,42 +363,55 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
             if manifest is not None:
                 return manifest
             _claim_folder(root, gen)
-            for p in root.glob("*.tmp"):
-                p.unlink()
-            load = load_objects or _default_load_objects()
-            gen_hash = _hash(gen)
-            t0 = time.time()
-            splits_info, objects = {}, {}
-            for split in splits:
-                fn = _erase_split if cfg["composite"] == "erase" else _paste_split
-                records, skipped, objects[split] = fn(root, cfg, data_cfg, params, split, gen_hash, load, prog)
-                splits_info[split] = {
-                    "images": sum(r["images"] for r in records),
-                    "instances": sum(r["instances"] for r in records),
-                    "skipped": skipped,
-                    "shards": records,
-                }
-            manifest = {
-                "schema_version": SCHEMA_VERSION,
-                "format": "amodal3d.composites",
-                "generator": gen,
-                "generator_hash": gen_hash,
-                "composite": cfg["composite"],
-                "image_size": int(cfg["image_size"]),
-                "categories": gen["categories"],
-                "category_ids": {c: category_index(c) for c in gen["categories"]},
-                "all_categories": list(CATEGORIES),
-                "splits": splits_info,
-                "counts": {s: {k: v[k] for k in ("images", "instances", "skipped")} for s, v in splits_info.items()},
-                "objects": objects,
-                "bytes": sum(r["bytes"] for v in splits_info.values() for r in v["shards"]),
-                "software": {"numpy": np.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version},
-            }
-            write_json_atomic(root / MANIFEST, manifest, indent=1, durable=True)
-            prog.log(f"wrote {root / MANIFEST} ({manifest['bytes'] / 2**20:.1f} MiB) in {time.time() - t0:.0f}s")
-            return manifest
+            try:
+                return _build_locked(root, cfg, data_cfg, gen, params, splits, load_objects, prog)
+            except BaseException:
+                # nothing finished: release the claim, so a corrected config (a fixed
+                # data.source_path, say) is not refused as "another config's partial build"
+                if not any(root.glob("*.done.json")):
+                    (root / GENERATOR_FILE).unlink(missing_ok=True)
+                raise
     finally:
         prog.close()
+
+
+def _build_locked(root: Path, cfg: dict, data_cfg: Any, gen: dict, params: CompositeParams, splits: list[str],
+                  load_objects: LoadObjects | None, prog: _Progress) -> dict:
+    """The build itself, under the lock, in a claimed folder; returns the manifest."""
+    for p in root.glob("*.tmp"):
+        p.unlink()
+    load = load_objects or _default_load_objects()
+    gen_hash = _hash(gen)
+    t0 = time.time()
+    splits_info, objects = {}, {}
+    for split in splits:
+        fn = _erase_split if cfg["composite"] == "erase" else _paste_split
+        records, skipped, objects[split] = fn(root, cfg, data_cfg, params, split, gen_hash, load, prog)
+        splits_info[split] = {
+            "images": sum(r["images"] for r in records),
+            "instances": sum(r["instances"] for r in records),
+            "skipped": skipped,
+            "shards": records,
+        }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "format": "amodal3d.composites",
+        "generator": gen,
+        "generator_hash": gen_hash,
+        "composite": cfg["composite"],
+        "image_size": int(cfg["image_size"]),
+        "categories": gen["categories"],
+        "category_ids": {c: category_index(c) for c in gen["categories"]},
+        "all_categories": list(CATEGORIES),
+        "splits": splits_info,
+        "counts": {s: {k: v[k] for k in ("images", "instances", "skipped")} for s, v in splits_info.items()},
+        "objects": objects,
+        "bytes": sum(r["bytes"] for v in splits_info.values() for r in v["shards"]),
+        "software": {"numpy": np.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version},
+    }
+    write_json_atomic(root / MANIFEST, manifest, indent=1, durable=True)
+    prog.log(f"wrote {root / MANIFEST} ({manifest['bytes'] / 2**20:.1f} MiB) in {time.time() - t0:.0f}s")
+    return manifest
 
 
 def ensure_dataset(data_cfg: Any, load_objects: LoadObjects | None = None) -> dict:

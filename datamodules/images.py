@@ -83,4 +83,7 @@ class DetectionDataModule(SplitDataModule):
         return ImageDataset(self.root, split, verify=self.verify)
 
     def make_loader(self, ds: ImageDataset, split: str) -> DataLoader:
-        return DataLoader(ds, shuffle=split == "train", collate_fn=collate_detection, **self.loader_kwargs())
+        from amodal3d.datamodules.crops import make_sampler  # the crops' rule: exact resume, DDP eval = 1 process
+
+        sampler = make_sampler(ds, split == "train", int(getattr(self.data_cfg, "seed", 0)), split)
+        return DataLoader(ds, sampler=sampler, collate_fn=collate_detection, **self.loader_kwargs())

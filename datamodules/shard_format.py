@@ -15,16 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from amodal3d.errors import UserError
+from amodal3d.errors import DatasetError
 
 #: version of the shard and manifest layout; bump on any incompatible change
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 MASKS = ("amodal", "visible", "occluder")
-
-
-class DatasetError(UserError, RuntimeError):
-    """A dataset folder that cannot be read as built."""
 
 
 class ShardError(DatasetError):
@@ -73,6 +69,12 @@ def read_manifest(root: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise DatasetError(f"{path}: cannot read the manifest ({err}); delete {root} and rebuild") from None
     version = manifest.get("schema_version")
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path}: dataset schema version {version}, but this code reads version {SCHEMA_VERSION} "
+            f"(the dataset was written by a newer amodal3d): update this checkout, or rebuild it "
+            f"(delete {root} or set another data.root, then `make data`)"
+        )
     if version != SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{path}: dataset schema version {version}, but this code reads version {SCHEMA_VERSION}; "

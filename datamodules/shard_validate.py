@@ -103,5 +103,5 @@ def validate_dataset(root: str | os.PathLike, raise_on_error: bool = True) -> di
     report["problems"] = problems
     report["ok"] = not problems
     if problems and raise_on_error:
-        raise DatasetError(f"dataset {root} is invalid:\n  " + "\n  ".join(problems))
+        raise DatasetError(f"dataset {root} is invalid ({len(problems)} problem(s)): " + "; ".join(problems))
     return report

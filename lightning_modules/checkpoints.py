@@ -23,7 +23,8 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(str(p), map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated file, not a torch file, ...
-        raise CheckpointError(f"{p}: not a readable checkpoint ({type(err).__name__}: {err}); "
+        raise CheckpointError(f"{p}: not a readable checkpoint, truncated or not a torch file "
+                              f"({type(err).__name__}: {err}); "
                          "retrain the stage or point run.checkpoints at another file") from None
 
 

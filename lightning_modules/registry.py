@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 _PACKAGES = ("amodal3d.lightning_modules", "amodal3d.lightning_modules.baselines")
-_NOT_STAGES = {"registry", "common", "checkpoints"}
+_NOT_STAGES = {"registry", "common", "checkpoints", "detector"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ def get_stage(name: str) -> StageSpec:
             if not isinstance(spec, StageSpec):
                 raise RuntimeError(f"{mod_name} does not define STAGE = StageSpec(...)")
             return spec
-    raise ValueError(
+    from amodal3d.errors import ConfigError
+
+    raise ConfigError(
         f"unknown stage {name!r}: available stages are {', '.join(available_stages())}"
     )

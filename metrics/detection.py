@@ -1,9 +1,10 @@
 """The detect protocol: detections matched to GT instances, then amodal IoU and COCO AP.
 
-Detections are matched to GT instances one-to-one by visible-mask IoU ≥ 0.5
-(class-agnostic; the GT's category decides where the instance is counted); an
-unmatched GT instance scores amodal IoU 0. COCO amodal mask AP is computed by
-pycocotools with the amodal mask as each GT's segmentation (area = mask area).
+Detections are matched to GT instances one-to-one by amodal-box IoU ≥ 0.5, highest
+score first (class-agnostic; the GT's category decides where the instance is
+counted); an unmatched GT instance scores amodal IoU 0. COCO AP is computed by
+pycocotools: amodal mask AP with the amodal mask as each GT's segmentation (area =
+mask area), and, for step 1, visible-mask AP and amodal-box AP.
 """
 
 from __future__ import annotations
@@ -37,33 +38,36 @@ def pairwise_mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def match_detections(
-    pred_visible: torch.Tensor,
-    gt_visible: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor,
     scores: torch.Tensor | None = None,
     iou_threshold: float = 0.5,
 ) -> torch.Tensor:
-    """One-to-one matching by visible-mask IoU: (G,) index of the matched detection, -1 if none.
+    """One-to-one matching by amodal-box IoU (the detect protocol): (G,) index of the
+    detection matched to each GT instance, -1 if none.
 
-    Greedy over (detection, GT) pairs from the highest IoU down (ties: higher
-    score first); a pair is taken when both are still free and IoU ≥ threshold.
+    COCO's greedy rule: detections from the highest score down (ties: the earlier
+    one), each taking the still-free GT instance it overlaps most, if that IoU is
+    at least the threshold. Class-agnostic: the GT's category decides where the
+    instance is counted.
     """
-    g = gt_visible.shape[0]
+    from torchvision.ops import box_iou
+
+    g = gt_boxes.shape[0]
     match = torch.full((g,), -1, dtype=torch.long)
-    if g == 0 or pred_visible.shape[0] == 0:
+    p = pred_boxes.shape[0]
+    if g == 0 or p == 0:
         return match
-    iou = pairwise_mask_iou(pred_visible, gt_visible).cpu()
-    p = iou.shape[0]
+    iou = box_iou(pred_boxes.double().cpu(), gt_boxes.double().cpu())
     sc = torch.zeros(p, dtype=torch.float64) if scores is None else scores.detach().double().cpu().reshape(p)
-    pi, gi = torch.nonzero(iou >= iou_threshold, as_tuple=True)
-    if pi.numel() == 0:
-        return match
-    keys = sorted(zip((-iou[pi, gi]).tolist(), (-sc[pi]).tolist(), pi.tolist(), gi.tolist()))
-    pred_used = set()
-    for _, _, d, t in keys:
-        if d in pred_used or match[t] >= 0:
-            continue
-        match[t] = d
-        pred_used.add(d)
+    order = sorted(range(p), key=lambda d: (-float(sc[d]), d))
+    free = torch.ones(g, dtype=torch.bool)
+    for d in order:
+        cand = torch.where(free, iou[d], torch.full_like(iou[d], -1.0))
+        best = int(cand.argmax())
+        if cand[best] >= iou_threshold:
+            match[best] = d
+            free[best] = False
     return match
 
 
@@ -72,61 +76,69 @@ class DetectionAmodalMIoU(AmodalMIoU):
 
     def update_detections(
         self,
-        pred_visible: torch.Tensor,
+        pred_boxes: torch.Tensor,
         pred_amodal: torch.Tensor,
-        gt_visible: torch.Tensor,
+        gt_boxes: torch.Tensor,
         gt_amodal: torch.Tensor,
+        gt_visible: torch.Tensor,
         gt_category: torch.Tensor,
         scores: torch.Tensor | None = None,
         iou_threshold: float = 0.5,
     ) -> torch.Tensor:
-        """Score one image: (P,H,W) detections vs (G,H,W) GT instances; returns the matching."""
-        match = match_detections(pred_visible, gt_visible, scores, iou_threshold)
-        if gt_visible.shape[0] == 0:
+        """Score one image: P detections (amodal boxes (P,4), amodal masks (P,H,W))
+        against its G GT instances (amodal boxes, amodal and visible masks (G,H,W));
+        returns the matching. An unmatched GT instance scores IoU 0."""
+        match = match_detections(pred_boxes, gt_boxes, scores, iou_threshold)
+        if gt_amodal.shape[0] == 0:
             return match
         matched = match >= 0
         pred = torch.zeros_like(gt_amodal)
         if bool(matched.any()):
             pred[matched] = pred_amodal[match[matched].to(pred_amodal.device)]
-        self.update(pred, gt_amodal, gt_visible, gt_category, matched=matched.to(gt_amodal.device))
+        self.update(pred[:, None], gt_amodal[:, None], gt_visible[:, None], gt_category,
+                    matched=matched.to(gt_amodal.device))
         return match
 
 
-def coco_amodal_ap(
+def coco_ap(
     gt: list[dict],
     detections: list[dict],
     category_ids: list[int],
     image_ids: list[int] | None = None,
+    iou_type: str = "segm",
 ) -> dict[str, float]:
-    """COCO mask AP of amodal masks with pycocotools.
+    """COCO AP with pycocotools, of masks (iou_type "segm") or boxes ("bbox").
 
-    gt: one dict per GT instance {image_id, category_id, mask (H,W) bool numpy};
-    detections: {image_id, category_id, mask, score}. Every image of the
-    evaluation is listed in `image_ids` (default: those named in gt or
-    detections), so detections on an image without GT count as false positives. Returns AP (0.5:0.95), AP50, AP75 in [0,1];
-    NaN when there is no GT instance at all.
+    gt: one dict per GT instance {image_id, category_id, and `mask` (H,W) bool numpy
+    or `box` xyxy}; detections: the same plus `score`. A GT's area is that of its mask
+    (or box), so the small/medium/large split follows the mask. Every image of the
+    evaluation is listed in `image_ids` (default: those named in gt or detections),
+    so detections on an image without GT count as false positives. Returns AP
+    (0.5:0.95), AP50, AP75 in [0,1]; NaN when there is no GT instance at all.
     """
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    def rle(m: np.ndarray) -> dict:
-        r = mask_utils.encode(np.asfortranarray(np.asarray(m, dtype=np.uint8)))
-        return r
-
+    if iou_type not in ("segm", "bbox"):
+        raise ValueError(f"iou_type={iou_type!r}: expected 'segm' or 'bbox'")
+    nan = {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
     if not gt:
-        return {"AP": float("nan"), "AP50": float("nan"), "AP75": float("nan")}
+        return nan
+
+    def region(d: dict) -> dict:
+        if iou_type == "segm":
+            r = mask_utils.encode(np.asfortranarray(np.asarray(d["mask"], dtype=np.uint8)))
+            return {"segmentation": r, "area": float(mask_utils.area(r)),
+                    "bbox": [float(x) for x in mask_utils.toBbox(r)]}
+        x0, y0, x1, y1 = (float(v) for v in d["box"])
+        return {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": max(x1 - x0, 0.0) * max(y1 - y0, 0.0)}
+
     images = {int(g["image_id"]) for g in gt} | {int(d["image_id"]) for d in detections}
     images = sorted(images | {int(i) for i in (image_ids or [])})
-    anns = []
-    for k, g in enumerate(gt, start=1):  # ids start at 1: COCOeval uses 0 for "unmatched"
-        r = rle(g["mask"])
-        anns.append({
-            "id": k, "image_id": int(g["image_id"]), "category_id": int(g["category_id"]),
-            "segmentation": r, "area": float(mask_utils.area(r)),
-            "bbox": [float(x) for x in mask_utils.toBbox(r)], "iscrowd": 0,
-        })
-    h, w = np.asarray(gt[0]["mask"]).shape
+    anns = [{"id": k, "image_id": int(g["image_id"]), "category_id": int(g["category_id"]), "iscrowd": 0,
+             **region(g)} for k, g in enumerate(gt, start=1)]  # ids from 1: COCOeval uses 0 for "unmatched"
+    h, w = np.asarray(gt[0]["mask"]).shape if iou_type == "segm" else (1, 1)
     coco_gt = COCO()
     coco_gt.dataset = {
         "images": [{"id": i, "height": int(h), "width": int(w)} for i in images],
@@ -137,14 +149,16 @@ def coco_amodal_ap(
         coco_gt.createIndex()
     if not detections:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    dets = [
-        {"image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
-         "segmentation": rle(d["mask"]), "score": float(d["score"])}
-        for d in detections
-    ]
+    dets = []
+    for d in detections:
+        r = region(d)
+        if iou_type == "segm":
+            r.pop("bbox")  # the mask decides the detection's area too
+        dets.append({"image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
+                     "score": float(d["score"]), **r})
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -153,24 +167,35 @@ def coco_amodal_ap(
     return {k: (v if v >= 0 else float("nan")) for k, v in (("AP", ap), ("AP50", ap50), ("AP75", ap75))}
 
 
-class AmodalMaskAP(Metric):
-    """COCO amodal mask AP accumulated over images (states gathered across processes).
+class DetectionAP(Metric):
+    """COCO AP accumulated over images (states gathered across processes), of masks
+    (`iou_type="segm"`; amodal or visible, whichever the caller passes) or boxes ("bbox").
 
-    update(preds, target): lists with one dict per image; preds: {masks (P,H,W)
-    bool amodal, scores (P,), labels (P,)}; target: {masks (G,H,W) bool amodal,
-    labels (G,), image_id int unique over the dataset (e.g. its index)}.
+    update(preds, target): lists with one dict per image; preds: {masks (P,H,W) bool
+    or boxes (P,4), scores (P,), labels (P,)}; target: {masks or boxes, labels (G,),
+    image_id int unique over the dataset (e.g. its index)}.
     """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, num_categories: int = 13, **kwargs) -> None:
+    def __init__(self, num_categories: int = 13, iou_type: str = "segm", **kwargs) -> None:
         super().__init__(**kwargs)
+        if iou_type not in ("segm", "bbox"):
+            raise ValueError(f"iou_type={iou_type!r}: expected 'segm' or 'bbox'")
         self.num_categories = int(num_categories)
-        for name in ("gt_masks", "gt_labels", "gt_images", "dt_masks", "dt_labels", "dt_scores", "dt_images"):
+        self.iou_type = iou_type
+        self.key = "masks" if iou_type == "segm" else "boxes"
+        for name in ("gt_regions", "gt_labels", "gt_images", "dt_regions", "dt_labels", "dt_scores", "dt_images"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.add_state("images", default=[], dist_reduce_fx="cat")
+
+    def _region(self, d: dict, what: str) -> torch.Tensor:
+        if self.key not in d:
+            raise KeyError(f"{what} dict needs {self.key!r} for iou_type={self.iou_type!r}")
+        x = d[self.key]
+        return x.bool() if self.iou_type == "segm" else x.float().reshape(-1, 4)
 
     def update(self, preds: list[dict], target: list[dict]) -> None:
         if len(preds) != len(target):
@@ -180,34 +205,34 @@ class AmodalMaskAP(Metric):
                 raise KeyError("target dict needs 'image_id' (a dataset-wide unique image index)")
             img = torch.tensor([int(t["image_id"])], dtype=torch.long, device=self.device)
             self.images.append(img)
-            gm, gl = t["masks"].bool(), t["labels"].long().reshape(-1)
-            if gm.shape[0] != gl.shape[0]:
-                raise ValueError(f"target of image {int(img)}: {gm.shape[0]} masks but {gl.shape[0]} labels")
-            self.gt_masks.append(gm)
+            gr, gl = self._region(t, "target"), t["labels"].long().reshape(-1)
+            if gr.shape[0] != gl.shape[0]:
+                raise ValueError(f"target of image {int(img)}: {gr.shape[0]} {self.key} but {gl.shape[0]} labels")
+            self.gt_regions.append(gr)
             self.gt_labels.append(gl)
-            self.gt_images.append(img.expand(gm.shape[0]).clone())
-            dm, dl, ds = p["masks"].bool(), p["labels"].long().reshape(-1), p["scores"].float().reshape(-1)
-            if not (dm.shape[0] == dl.shape[0] == ds.shape[0]):
-                raise ValueError(f"preds of image {int(img)}: masks, labels and scores differ in length")
-            self.dt_masks.append(dm)
+            self.gt_images.append(img.expand(gr.shape[0]).clone())
+            dr, dl, ds = self._region(p, "preds"), p["labels"].long().reshape(-1), p["scores"].float().reshape(-1)
+            if not (dr.shape[0] == dl.shape[0] == ds.shape[0]):
+                raise ValueError(f"preds of image {int(img)}: {self.key}, labels and scores differ in length")
+            self.dt_regions.append(dr)
             self.dt_labels.append(dl)
             self.dt_scores.append(ds)
-            self.dt_images.append(img.expand(dm.shape[0]).clone())
+            self.dt_images.append(img.expand(dr.shape[0]).clone())
 
     def compute(self) -> dict[str, torch.Tensor]:
         def cat(x):
             return dim_zero_cat(x).cpu() if (isinstance(x, torch.Tensor) or len(x)) else None
 
-        gm, gl, gi = cat(self.gt_masks), cat(self.gt_labels), cat(self.gt_images)
-        if gm is None or gm.shape[0] == 0:
+        field = "mask" if self.iou_type == "segm" else "box"
+        gr, gl, gi = cat(self.gt_regions), cat(self.gt_labels), cat(self.gt_images)
+        if gr is None or gr.shape[0] == 0:
             nan = torch.tensor(float("nan"))
             return {"AP": nan, "AP50": nan, "AP75": nan}
-        gt = [{"image_id": int(i), "category_id": int(c), "mask": m.numpy()} for m, c, i in zip(gm, gl, gi)]
-        dm, dl, ds, di = cat(self.dt_masks), cat(self.dt_labels), cat(self.dt_scores), cat(self.dt_images)
-        dets = [] if dm is None else [
-            {"image_id": int(i), "category_id": int(c), "mask": m.numpy(), "score": float(s)}
-            for m, c, s, i in zip(dm, dl, ds, di)
+        gt = [{"image_id": int(i), "category_id": int(c), field: r.numpy()} for r, c, i in zip(gr, gl, gi)]
+        dr, dl, ds, di = cat(self.dt_regions), cat(self.dt_labels), cat(self.dt_scores), cat(self.dt_images)
+        dets = [] if dr is None else [
+            {"image_id": int(i), "category_id": int(c), field: r.numpy(), "score": float(s)}
+            for r, c, s, i in zip(dr, dl, ds, di)
         ]
-        images = cat(self.images)
-        res = coco_amodal_ap(gt, dets, list(range(self.num_categories)), images.tolist())
+        res = coco_ap(gt, dets, list(range(self.num_categories)), cat(self.images).tolist(), self.iou_type)
         return {k: torch.tensor(v) for k, v in res.items()}

@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 
 from amodal3d.metrics.amodal_iou import AmodalMIoU, amodal_iou_stats, instance_iou, summarize
 from amodal3d.metrics.detection import (
-    AmodalMaskAP,
+    DetectionAP,
     DetectionAmodalMIoU,
-    coco_amodal_ap,
+    coco_ap,
     match_detections,
     pairwise_mask_iou,
 )
@@ -203,28 +203,39 @@ def _box_mask(h, w, y0, y1, x0, x1):
     return m
 
 
-def test_pairwise_iou_and_one_to_one_matching():
-    gt = torch.stack([_box_mask(16, 16, 0, 8, 0, 8), _box_mask(16, 16, 8, 16, 8, 16), _box_mask(16, 16, 0, 4, 12, 16)])
-    pred = torch.stack([
-        _box_mask(16, 16, 0, 8, 0, 7),   # IoU 56/64 with gt0
-        _box_mask(16, 16, 0, 8, 0, 8),   # IoU 1 with gt0: takes it
-        _box_mask(16, 16, 8, 16, 8, 12), # IoU 0.5 with gt1: matched at the threshold
-        _box_mask(16, 16, 12, 16, 0, 4), # overlaps nothing
-    ])
+def test_pairwise_mask_iou():
+    gt = torch.stack([_box_mask(16, 16, 0, 8, 0, 8), _box_mask(16, 16, 8, 16, 8, 16)])
+    pred = torch.stack([_box_mask(16, 16, 0, 8, 0, 7), _box_mask(16, 16, 8, 16, 8, 12)])
     iou = pairwise_mask_iou(pred, gt)
-    assert iou[0, 0] == pytest.approx(56 / 64) and iou[2, 1] == pytest.approx(0.5)
+    assert iou[0, 0] == pytest.approx(56 / 64) and iou[1, 1] == pytest.approx(0.5) and iou[0, 1] == 0
+
+
+def test_one_to_one_matching_by_amodal_box_highest_score_first():
+    """A hand-built case of COCO's greedy rule on amodal boxes (xyxy)."""
+    gt = torch.tensor([[0.0, 0, 8, 8], [8, 8, 16, 16], [12, 0, 16, 4]])
+    pred = torch.tensor([
+        [0.0, 0, 7, 8],    # IoU 56/64 with gt0, score 0.9: the first to choose, takes gt0
+        [0.0, 0, 8, 8],    # IoU 1 with gt0, score 0.1: gt0 is taken, nothing else overlaps
+        [8.0, 8, 12, 16],  # IoU 0.5 with gt1: matched at the threshold
+        [0.0, 12, 4, 16],  # overlaps nothing (the highest score)
+    ])
     match = match_detections(pred, gt, scores=torch.tensor([0.9, 0.1, 0.5, 0.99]))
-    assert match.tolist() == [1, 2, -1]  # one-to-one: gt0 -> best pred 1, pred 0 left over
+    assert match.tolist() == [0, 2, -1]
+    # with the scores swapped the better-placed box chooses first
+    assert match_detections(pred, gt, scores=torch.tensor([0.1, 0.9, 0.5, 0.99])).tolist() == [1, 2, -1]
     assert match_detections(pred[:0], gt).tolist() == [-1, -1, -1]
+    below = torch.tensor([[8.0, 8, 11.9, 16]])  # IoU < 0.5
+    assert match_detections(below, gt).tolist() == [-1, -1, -1]
 
 
 def test_unmatched_gt_scores_zero_in_detection_miou():
     gt_vis = torch.stack([_box_mask(16, 16, 0, 8, 0, 8), _box_mask(16, 16, 8, 16, 8, 16)])
     gt_amo = torch.stack([_box_mask(16, 16, 0, 10, 0, 10), _box_mask(16, 16, 8, 16, 8, 16)])
-    pred_vis = torch.stack([_box_mask(16, 16, 0, 8, 0, 8)])
+    gt_box = torch.tensor([[0.0, 0, 10, 10], [8, 8, 16, 16]])
+    pred_box = torch.tensor([[0.0, 0, 10, 10]])
     pred_amo = torch.stack([_box_mask(16, 16, 0, 10, 0, 10)])
     m = DetectionAmodalMIoU()
-    match = m.update_detections(pred_vis, pred_amo, gt_vis, gt_amo, torch.tensor([0, 1]))
+    match = m.update_detections(pred_box, pred_amo, gt_box, gt_amo, gt_vis, torch.tensor([0, 1]))
     assert match.tolist() == [0, -1]
     r = m.compute()
     assert float(r["per_category"][0]) == pytest.approx(1.0)
@@ -232,23 +243,23 @@ def test_unmatched_gt_scores_zero_in_detection_miou():
     assert float(r["miou"]) == pytest.approx(0.5)
 
 
-def test_coco_amodal_ap():
+def test_coco_ap():
     h = w = 32
     masks = [_box_mask(h, w, 0, 10, 0, 10).numpy(), _box_mask(h, w, 12, 30, 12, 30).numpy()]
     gt = [{"image_id": 1, "category_id": 3, "mask": masks[0]}, {"image_id": 2, "category_id": 4, "mask": masks[1]}]
     perfect = [dict(g, score=0.9) for g in gt]
-    assert coco_amodal_ap(gt, perfect, list(range(C)))["AP"] == pytest.approx(1.0)
+    assert coco_ap(gt, perfect, list(range(C)))["AP"] == pytest.approx(1.0)
     # a half-overlapping detection (IoU 50/150 < 0.5) is a false positive everywhere
     wrong = [{"image_id": 1, "category_id": 3, "mask": _box_mask(h, w, 0, 10, 5, 15).numpy(), "score": 0.9}]
-    res = coco_amodal_ap(gt[:1], wrong, list(range(C)))
+    res = coco_ap(gt[:1], wrong, list(range(C)))
     assert res["AP"] == pytest.approx(0.0) and res["AP50"] == pytest.approx(0.0)
-    assert coco_amodal_ap(gt, [], list(range(C)))["AP"] == 0.0
+    assert coco_ap(gt, [], list(range(C)))["AP"] == 0.0
 
 
 def test_amodal_mask_ap_metric_accumulates_images():
     h = w = 32
     m0, m1 = _box_mask(h, w, 0, 10, 0, 10), _box_mask(h, w, 12, 30, 12, 30)
-    metric = AmodalMaskAP()
+    metric = DetectionAP()
     metric.update(
         [{"masks": m0[None], "scores": torch.tensor([0.8]), "labels": torch.tensor([2])}],
         [{"masks": m0[None], "labels": torch.tensor([2]), "image_id": 0}],
@@ -259,7 +270,7 @@ def test_amodal_mask_ap_metric_accumulates_images():
     )
     assert float(metric.compute()["AP"]) == pytest.approx(1.0)
     # a detection with the wrong category turns one category's AP to 0: mean 0.5
-    bad = AmodalMaskAP()
+    bad = DetectionAP()
     bad.update(
         [{"masks": torch.stack([m0, m1]), "scores": torch.tensor([0.8, 0.7]), "labels": torch.tensor([2, 6])}],
         [{"masks": torch.stack([m0, m1]), "labels": torch.tensor([2, 5]), "image_id": 0}],
@@ -267,3 +278,18 @@ def test_amodal_mask_ap_metric_accumulates_images():
     assert float(bad.compute()["AP"]) == pytest.approx(0.5)
     with pytest.raises(KeyError, match="image_id"):
         bad.update([{"masks": m0[None], "scores": torch.ones(1), "labels": torch.ones(1)}], [{"masks": m0[None], "labels": torch.ones(1)}])
+
+
+def test_coco_box_ap_and_the_box_metric():
+    gt = [{"image_id": 1, "category_id": 3, "box": [0.0, 0, 10, 10]}, {"image_id": 2, "category_id": 4, "box": [12.0, 12, 30, 30]}]
+    assert coco_ap(gt, [dict(g, score=0.9) for g in gt], list(range(C)), iou_type="bbox")["AP"] == pytest.approx(1.0)
+    shifted = [{"image_id": 1, "category_id": 3, "box": [5.0, 0, 15, 10], "score": 0.9}]  # IoU 1/3
+    assert coco_ap(gt[:1], shifted, list(range(C)), iou_type="bbox")["AP50"] == pytest.approx(0.0)
+    metric = DetectionAP(iou_type="bbox")
+    metric.update([{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([2])}],
+                  [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([2]), "image_id": 0}])
+    metric.update([{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}],
+                  [{"boxes": torch.tensor([[1.0, 1, 9, 9]]), "labels": torch.tensor([2]), "image_id": 1}])
+    assert float(metric.compute()["AP50"]) == pytest.approx(0.5, abs=0.02)  # one of two found, at full precision
+    with pytest.raises(KeyError, match="boxes"):
+        metric.update([{"masks": torch.zeros(1, 4, 4, dtype=torch.bool)}], [{"boxes": torch.zeros(1, 4), "labels": torch.ones(1), "image_id": 2}])

@@ -18,7 +18,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 
-from amodal3d.bench.table import NOT_TRAINED, MethodResult
+from amodal3d.bench.table import NEEDS_DETECT, NOT_TRAINED, MethodResult
 from amodal3d.categories import CATEGORIES
 from amodal3d.config import REPO_ROOT
 from amodal3d.runs import best_checkpoint, find_stage_checkpoint
@@ -101,6 +101,9 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
             specs.append(spec)
     for spec in sorted(specs, key=lambda sp: (sp.table_order, sp.name)):
         stage = spec.name
+        if spec.data == "images":  # detectors: their rows come from the detect protocol
+            out.append(MethodEntry(name=spec.method, stage=stage, status=NEEDS_DETECT))
+            continue
         try:
             ckpt = find_stage_checkpoint(stage, experiment, root)
             out.append(MethodEntry(name=spec.method, stage=stage, checkpoint=ckpt))

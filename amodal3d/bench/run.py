@@ -20,7 +20,9 @@ from amodal3d.atomic import write_json_atomic
 
 PARTS = ("table", "seeds", "speed", "loader", "raster", "hardest", "recon", "all")
 #: the experiment whose runs each protocol's table scores when --exp is not given
-PROTOCOL_EXPERIMENTS = {"gt-visible": None, "gt-box": "gt_box"}
+PROTOCOL_EXPERIMENTS = {"gt-visible": None, "gt-box": "gt_box", "detect": None}
+#: protocols a config can be trained under (the crop stages); `detect` scores any experiment's runs
+CROP_PROTOCOLS = ("gt-visible", "gt-box")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Results tables (amodal mIoU on the test split, once per protocol) and speed figures. "
         f"Parts: {', '.join(PARTS)} (default all), given first.",
     )
-    ap.add_argument("--protocol", default=None, choices=("gt-visible", "gt-box", "all"),
-                    help="protocol(s) of the table and seeds parts (default: all; with --exp, that experiment's). "
-                         "Each protocol scores its own runs: gt-visible those of the default experiment, "
-                         "gt-box those of EXP=gt_box")
+    ap.add_argument("--protocol", default=None, choices=("gt-visible", "gt-box", "detect", "all"),
+                    help="protocol(s) of the table part (default: all; with --exp, that experiment's and detect). "
+                         "Each protocol scores its own runs: gt-visible and detect those of the default experiment, "
+                         "gt-box those of EXP=gt_box. The seeds part runs the crop protocols only")
     ap.add_argument("--seed-exps", default="default,seed1,seed2",
                     help="seeds part: comma-separated experiments holding one seed each of the refine-family runs "
                          "(gt-box: the same names with a _gt_box suffix)")
@@ -88,16 +90,18 @@ def protocol_configs(args) -> list:
     experiment whose runs were trained under it."""
     if args.exp:
         base = load_config(None, args.exp, args.overrides, debug=args.debug)
-        if args.protocol not in (None, str(base.protocol)):
+        if args.protocol == "detect":
+            return [("detect", base)]
+        if args.protocol not in (None, "all", str(base.protocol)):
             raise SystemExit(f"--exp {args.exp} was trained under protocol {base.protocol}; "
                              f"--protocol {args.protocol} does not apply to it")
-        return [(str(base.protocol), base)]
-    names = ["gt-visible", "gt-box"] if args.protocol in (None, "all") else [args.protocol]
+        return [(str(base.protocol), base), ("detect", base)]
+    names = ["gt-visible", "gt-box", "detect"] if args.protocol in (None, "all") else [args.protocol]
     if args.run and args.protocol is None:  # named runs: the protocols they were trained under
         from amodal3d.bench.evaluate import named_methods
 
         present = {e.protocol for e in named_methods(args.run)}
-        names = [p for p in names if p in present]
+        names = [p for p in names if p in present]  # named runs: crop protocols only
     return [(p, load_config(None, PROTOCOL_EXPERIMENTS[p], args.overrides, debug=args.debug)) for p in names]
 
 
@@ -124,10 +128,20 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
     mds, failed = [], []
     for protocol, pcfg in protocol_configs(args):
         pmeta = _meta(args.full_argv, pcfg, device, "table")
-        results = evaluate_all(pcfg, _entries(args, pcfg), device, args.limit_batches)
-        extra = [crop_coverage_note(pcfg)]
-        md = results_markdown(results, pmeta, extra)
-        paths = write_results(out, results, pmeta, extra)
+        appendix = ""
+        if protocol == "detect":
+            from amodal3d.bench.detect import DETECT_NOTES, ap_markdown, evaluate_detect
+
+            pmeta["protocol"] = "detect"
+            scored, unscored = evaluate_detect(pcfg, device, args.limit_batches)
+            results = [r.row for r in scored] + unscored
+            extra = list(DETECT_NOTES)
+            appendix = "## COCO amodal mask AP, detect (test split)\n\n" + ap_markdown(scored)
+        else:
+            results = evaluate_all(pcfg, _entries(args, pcfg), device, args.limit_batches)
+            extra = [crop_coverage_note(pcfg)]
+        md = results_markdown(results, pmeta, extra, appendix)
+        paths = write_results(out, results, pmeta, extra, appendix)
         print(md, flush=True)
         print(f"[bench] wrote {paths['markdown']}, {paths['csv']} and a TensorBoard text under {paths['tensorboard']}")
         mds.append(md)
@@ -145,6 +159,8 @@ def part_seeds(args, cfg, device, meta: dict, out: Path) -> str:
 
     mds = []
     for protocol, pcfg in protocol_configs(args):
+        if protocol not in CROP_PROTOCOLS:  # seeds of the refine family: crop protocols
+            continue
         exps = [e.strip() for e in args.seed_exps.split(",") if e.strip()]
         if protocol == "gt-box":
             exps = [("gt_box" if e == "default" else f"{e}_gt_box") for e in exps]

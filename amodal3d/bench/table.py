@@ -20,6 +20,8 @@ from amodal3d.categories import CATEGORIES, DISPLAY_NAMES
 
 MISSING = "—"
 NOT_TRAINED = "not trained"
+#: a Mask R-CNN-family row under a protocol that hands out no box to feed its RoI heads with
+NEEDS_DETECT = "a detector: scored under the detect protocol"
 
 
 @dataclass
@@ -128,7 +130,8 @@ def notes(results: list[MethodResult]) -> list[str]:
     return out
 
 
-def results_markdown(results: list[MethodResult], meta: dict, extra_notes: list[str] | None = None) -> str:
+def results_markdown(results: list[MethodResult], meta: dict, extra_notes: list[str] | None = None,
+                     appendix: str = "") -> str:
     """One protocol's document, written to bench/results-<protocol>.md (and shown in TensorBoard)."""
     protocol = meta.get("protocol", "gt-visible")
     parts = [
@@ -145,6 +148,8 @@ def results_markdown(results: list[MethodResult], meta: dict, extra_notes: list[
     if refs:
         parts.append(f"- Reference rows (no training): {', '.join(refs)}.")
     parts += [f"- {n}" for n in notes(results) + list(extra_notes or [])]
+    if appendix:
+        parts += ["", appendix]
     parts += ["", "## Setup", ""] + [f"- {k}: `{v}`" for k, v in meta.items()]
     return "\n".join(parts) + "\n"
 
@@ -161,11 +166,11 @@ def write_tensorboard_text(log_dir: Path, tag: str, text: str) -> None:
 
 
 def write_results(out_dir: Path, results: list[MethodResult], meta: dict,
-                  extra_notes: list[str] | None = None) -> dict[str, Path]:
+                  extra_notes: list[str] | None = None, appendix: str = "") -> dict[str, Path]:
     """bench/results-<protocol>.md and .csv, and a TensorBoard text under bench/tb."""
     out_dir = Path(out_dir)
     protocol = meta.get("protocol", "gt-visible")
-    md = results_markdown(results, meta, extra_notes)
+    md = results_markdown(results, meta, extra_notes, appendix)
     paths = {"markdown": out_dir / f"results-{protocol}.md", "csv": out_dir / f"results-{protocol}.csv",
              "tensorboard": out_dir / "tb"}
     write_text_atomic(paths["markdown"], md)

@@ -4,7 +4,8 @@ Inputs (one or more paths):
   * an image file (PNG/JPEG) `<dir>/<name>.png`, its instances' visible masks in the
     folder `<dir>/<name>/`, one PNG per instance named `<category>[_<anything>].png`
     (category: one of amodal3d.categories.CATEGORIES or its ShapeNet synset id;
-    a mask pixel is on when its grey value is >= 128);
+    a mask of two values, 0 and one other (0/1 label masks, 0/255), is "non-zero = on";
+    a mask of more grey levels is thresholded at half its range);
   * a folder: every PNG/JPEG directly inside it, each with its mask folder as above;
   * a COCO-style JSON: `images` (id, file_name relative to the JSON's folder, optional
     width/height), `categories` (id, name) and `annotations` (image_id, category_id,
@@ -27,7 +28,8 @@ mask included), `overlays/<image>.png` (visible part tinted, predicted hidden pa
 hatched, amodal outline, one colour per instance) and `amodal.json` (COCO style: the
 amodal masks as RLE via pycocotools.mask.encode, plus an `errors` list). A bad input
 (missing file, mask size different from its image, unknown category, empty mask)
-is reported with its name and skipped; the other inputs are still processed.
+is reported with its name and skipped; the other inputs are still processed. When no
+input can be used, nothing is written and the error names the first bad input.
 
 Modules: inputs (reading and checking the inputs), crops (what the model is fed),
 run (loading the model, the pipeline, predict_files), outputs (PNG, RLE, JSON

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from amodal3d.categories import CATEGORIES, category_index
-from amodal3d.errors import UserError
+from amodal3d.errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -45,14 +45,9 @@ class InputSet:
     category_of: dict  # input category (name or COCO id) -> CATEGORIES index (or an error string)
 
 
-class InputError(UserError, ValueError):
-    """A bad input file or entry; its message names it."""
-
-
 def report_error(errors: list[dict], where: str, msg: str) -> None:
-    """Record a skipped input (and say so on stderr); processing goes on."""
+    """Record a skipped input; processing goes on (the CLI lists the skipped inputs at the end)."""
     errors.append({"input": where, "error": msg})
-    print(f"[predict] skipped {where}: {msg}", file=sys.stderr, flush=True)
 
 
 def _our_categories() -> list[dict]:
@@ -131,7 +126,7 @@ def collect_inputs(inputs) -> InputSet:
             report_error(errors, str(p), "no such file or folder")
         elif p.is_file() and p.suffix.lower() == ".json":
             if coco_seen:
-                raise ValueError(f"{p}: give at most one COCO JSON per call (their ids would collide)")
+                raise InputError(f"{p}: give at most one COCO JSON per call (their ids would collide)")
             coco_seen = True
             try:
                 imgs, categories, category_of = read_coco_inputs(p, errors)
@@ -149,7 +144,7 @@ def collect_inputs(inputs) -> InputSet:
         else:
             report_error(errors, str(p), f"not an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a COCO .json")
     if coco_seen and len(paths) > 1:
-        raise ValueError("a COCO JSON input cannot be mixed with other inputs in one call")
+        raise InputError("a COCO JSON input cannot be mixed with other inputs in one call")
     used: set[str] = set()
     for im in images:
         key = im.path.stem
@@ -173,7 +168,7 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def read_mask_png(path: Path) -> np.ndarray:
-    """A visible-mask PNG as bool (H,W). A mask of two values (0/1 label masks, 0/255,
+    """A visible-mask PNG as bool (H,W). A mask of one value, or of two values 0 and k (0/1 label masks, 0/255,
     palette indices 0/k, 16-bit 0/65535) is "non-zero = on"; a mask of more values (an
     anti-aliased or soft mask) is thresholded at half its range, and the rule is said."""
     from PIL import Image, UnidentifiedImageError
@@ -189,7 +184,7 @@ def read_mask_png(path: Path) -> np.ndarray:
     if raw.ndim != 2:
         raise InputError(f"mask {path}: expected a single-channel image, got shape {raw.shape} (mode {mode})")
     values = np.unique(raw)
-    if len(values) <= 2 and values[0] == 0:
+    if len(values) == 1 or (len(values) == 2 and values[0] == 0):  # one value (all off or all on), or 0/k
         return raw != 0
     half = (int(np.iinfo(raw.dtype).max) + 1) // 2 if raw.dtype.kind in "iu" else 0.5
     print(f"[predict] {path}: {len(values)} grey levels (mode {mode}); pixels >= {half} count as visible",

@@ -20,13 +20,15 @@ from amodal3d.predict.inputs import (
 from amodal3d.predict.outputs import JSON_NAME, boxes_xywh, encode_rle, save_png, write_json
 from amodal3d.predict.overlay import overlay_image
 from amodal3d.datamodules.composites import mask_boxes
+from amodal3d.errors import CheckpointError, MissingCheckpointError
 from amodal3d.lightning_modules.checkpoints import checkpoint_hparams
 
 
 def checkpoint_stage(checkpoint: Path) -> str:
     stage = (checkpoint_hparams(checkpoint).get("cfg") or {}).get("stage")
     if not stage:
-        raise ValueError(f"{checkpoint}: not an amodal3d stage checkpoint (no hyper_parameters.cfg.stage)")
+        raise CheckpointError(f"{checkpoint}: not an amodal3d stage checkpoint (no hyper_parameters.cfg.stage); "
+                              "give --ckpt a best.ckpt or last.ckpt of a run")
     return str(stage)
 
 
@@ -40,13 +42,14 @@ def load_predictor(checkpoint: str | Path | None = None, experiment: str = "defa
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+            raise MissingCheckpointError(f"--ckpt {path}: no such checkpoint file")
         stage = checkpoint_stage(path)
     else:
         stage, path = ours_checkpoint(experiment, root)
     module = load_stage_module(stage, path, device)
     if not isinstance(module, AmodalStage):
-        raise TypeError(f"{path}: stage {stage!r} does not predict amodal masks")
+        raise CheckpointError(f"{path}: a checkpoint of stage {stage!r}, which does not predict amodal masks; "
+                              "give --ckpt a checkpoint of an amodal stage (refine, joint, ...)")
     return module, path
 
 
@@ -73,6 +76,14 @@ class _Prepared:
     visible: np.ndarray  # (n,H,W) bool
     category: np.ndarray  # (n,) CATEGORIES index
     crops: dict
+
+
+def _nothing_usable(errors: list[dict]) -> InputError:
+    """The error of a call none of whose inputs could be used: the first bad input, and how many more."""
+    first = errors[0] if errors else {"input": "the inputs", "error": "no image and no instance given"}
+    more = f" (and {len(errors) - 1} more bad input(s))" if len(errors) > 1 else ""
+    where, what = str(first["input"]), str(first["error"])
+    return InputError(f"nothing to predict: {what if where in what else f'{where}: {what}'}{more}")
 
 
 def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, occluder: str,
@@ -175,13 +186,19 @@ def predict_files(
 
     module: an AmodalStage already loaded (else load_predictor(checkpoint, experiment)).
     The report's seconds cover reading, cropping, the model and writing (not the
-    model load); its errors list every skipped input with the reason."""
+    model load); its errors list every skipped input with the reason. When no input can
+    be used, InputError names the first bad one and nothing is written."""
     if occluder not in OCCLUDER_MODES + ("auto",):
         raise ValueError(f"occluder={occluder!r}: expected auto or one of {', '.join(OCCLUDER_MODES)}")
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        raise InputError(f"--batch-size {batch_size}: must be >= 1")
     device = torch.device(device)
     ckpt_name = str(checkpoint or "")
+    t_collect = time.perf_counter()
+    inputs = collect_inputs(inputs)  # cheap (lists files, parses a JSON): fail before loading the model
+    t_collect = time.perf_counter() - t_collect
+    if not inputs.images:
+        raise _nothing_usable(inputs.errors)
     if module is None:
         module, path = load_predictor(checkpoint, experiment, root, device)
         ckpt_name = str(path)
@@ -196,9 +213,7 @@ def predict_files(
     if occluder == "auto":
         occluder = "unknown" if box_protocol else "others"
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    inputs = collect_inputs(inputs)
+    t0 = time.perf_counter() - t_collect  # the seconds count reading the inputs, not loading the model
     anns: list[dict] = []
     images: list[dict] = []
     chunk: list[_Prepared] = []
@@ -216,6 +231,8 @@ def predict_files(
         if sum(len(c.instances) for c in chunk) >= batch_size:
             flush()
     flush()
+    if not anns:  # every input was bad: no JSON that a reader could take for a result
+        raise _nothing_usable(inputs.errors)
     doc = {
         "info": {"description": "amodal masks predicted by amodal3d", "checkpoint": ckpt_name,
                  "stage": str(module.cfg.stage), "occluder": occluder, "crop_size": crop_size, "crop_margin": margin,
@@ -225,6 +242,7 @@ def predict_files(
         "images": images, "categories": inputs.categories, "annotations": anns, "errors": inputs.errors,
     }
     json_path = out / JSON_NAME
+    out.mkdir(parents=True, exist_ok=True)
     write_json(doc, json_path)
     seconds = time.perf_counter() - t0
     return PredictReport(len(images), len(anns), inputs.errors, seconds, json_path, ckpt_name)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import CATEGORIES, category_index
+from amodal3d.errors import ConfigError, DatasetError
 
 #: the NMR render conventions
 NMR_IMAGE_SIZE = 64
@@ -24,6 +25,14 @@ NMR_DISTANCE = 2.732
 NMR_AZIMUTHS = tuple(15.0 * k for k in range(NMR_NUM_VIEWS))
 
 SPLITS = ("train", "val", "test")
+
+
+class SourceError(DatasetError, ValueError):
+    """An object-source file that cannot be read (bad npz, wrong array shape, unusable OBJ)."""
+
+
+class MissingSourceError(DatasetError, FileNotFoundError):
+    """An object-source folder or file that does not exist."""
 
 
 def nmr_cameras(num_views: int = NMR_NUM_VIEWS) -> np.ndarray:
@@ -86,7 +95,7 @@ def resolve_request(data_cfg: Any, category: str, split: str) -> tuple[str, int]
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     counts = data_cfg.objects_per_split
     if split not in counts:
-        raise ValueError(
+        raise ConfigError(
             f"data.objects_per_split has no entry for split {split!r} "
             f"(has {', '.join(map(str, counts.keys())) or 'none'}); add e.g. {split}: 8"
         )
@@ -94,10 +103,10 @@ def resolve_request(data_cfg: Any, category: str, split: str) -> tuple[str, int]
 
 
 def source_folder(data_cfg: Any, what: str, hint: str) -> Path:
-    """data.source_path as an existing folder, or FileNotFoundError naming it and `hint`."""
+    """data.source_path as an existing folder, or MissingSourceError naming it and `hint`."""
     folder = Path(str(data_cfg.source_path)) if str(data_cfg.source_path) else None
     if folder is None or not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingSourceError(
             f"{what} folder not found: {str(folder) if folder else '(data.source_path is empty)'}; {hint}"
         )
     return folder

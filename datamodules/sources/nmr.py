@@ -10,13 +10,15 @@ multi-gigabyte category into memory.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from amodal3d.datamodules.sources.base import resolve_request, source_folder
+from amodal3d.datamodules.sources.base import MissingSourceError, SourceError, resolve_request, source_folder
+from amodal3d.errors import ConfigError
 from amodal3d.datamodules.sources.base import NMR_IMAGE_SIZE, NMR_NUM_VIEWS, ObjectRenders, nmr_cameras
 
 ARRAY_KEY = "arr_0"
@@ -33,10 +35,10 @@ def _to_uint8(block: np.ndarray, path: Path) -> np.ndarray:
     if block.dtype == np.uint8:
         return block
     if not np.issubdtype(block.dtype, np.floating):
-        raise ValueError(f"{path}: {ARRAY_KEY} has dtype {block.dtype}; expected uint8 or float in [0, 1]")
+        raise SourceError(f"{path}: {ARRAY_KEY} has dtype {block.dtype}; expected uint8 or float in [0, 1]")
     lo, hi = float(block.min()), float(block.max())
     if lo < -1e-3 or hi > 1.0 + 1e-3:
-        raise ValueError(f"{path}: float {ARRAY_KEY} values must lie in [0, 1], found [{lo:.3g}, {hi:.3g}]")
+        raise SourceError(f"{path}: float {ARRAY_KEY} values must lie in [0, 1], found [{lo:.3g}, {hi:.3g}]")
     return (np.clip(block, 0, 1) * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -51,7 +53,7 @@ def _check_shape(shape: tuple, path: Path) -> int:
         return shape[0]
     if len(shape) == 4 and shape[1:] == (4, s, s) and shape[0] % v == 0 and shape[0] > 0:
         return shape[0] // v
-    raise ValueError(f"{path}: {ARRAY_KEY} must have shape (N*{v}, 4, {s}, {s}), got {tuple(shape)}")
+    raise SourceError(f"{path}: {ARRAY_KEY} must have shape (N*{v}, 4, {s}, {s}), got {tuple(shape)}")
 
 
 def read_nmr_images(path: Path, max_objects: int = 0) -> np.ndarray:
@@ -59,35 +61,41 @@ def read_nmr_images(path: Path, max_objects: int = 0) -> np.ndarray:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from None
+        raise SourceError(f"{path}: not a readable .npz file ({err}); it is truncated or corrupt: copy it again") from None
     with zf:
-        member = ARRAY_KEY + ".npy"
-        if member not in zf.namelist():
-            keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-            raise ValueError(f"{path}: no array {ARRAY_KEY!r} (found {', '.join(keys) or 'none'})")
-        with zf.open(member) as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"{path}: unsupported .npy format version {version}")
-            total = _check_shape(tuple(shape), path)
-            n = total if max_objects <= 0 else min(total, max_objects)
-            if fortran:
-                raise ValueError(f"{path}: {ARRAY_KEY} is stored in Fortran order; re-save it C-contiguous")
-            if dtype.hasobject:
-                raise ValueError(f"{path}: {ARRAY_KEY} holds Python objects; expected uint8 or float")
-            per_obj = NMR_NUM_VIEWS * 4 * NMR_IMAGE_SIZE * NMR_IMAGE_SIZE
-            out = np.empty((n, NMR_NUM_VIEWS, NMR_IMAGE_SIZE, NMR_IMAGE_SIZE, 4), np.uint8)
-            for start in range(0, n, _CHUNK_OBJECTS):
-                m = min(_CHUNK_OBJECTS, n - start)
-                raw = fh.read(m * per_obj * dtype.itemsize)
-                if len(raw) != m * per_obj * dtype.itemsize:
-                    raise ValueError(f"{path}: {ARRAY_KEY} is truncated (header says {total} objects)")
-                block = np.frombuffer(raw, dtype=dtype).reshape(m, NMR_NUM_VIEWS, 4, NMR_IMAGE_SIZE, NMR_IMAGE_SIZE)
-                out[start:start + m] = _to_uint8(block, path).transpose(0, 1, 3, 4, 2)
+        try:
+            member = ARRAY_KEY + ".npy"
+            if member not in zf.namelist():
+                keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+                raise SourceError(f"{path}: no array {ARRAY_KEY!r} (found {', '.join(keys) or 'none'})")
+            with zf.open(member) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                else:
+                    raise SourceError(f"{path}: unsupported .npy format version {version}")
+                total = _check_shape(tuple(shape), path)
+                n = total if max_objects <= 0 else min(total, max_objects)
+                if fortran:
+                    raise SourceError(f"{path}: {ARRAY_KEY} is stored in Fortran order; re-save it C-contiguous")
+                if dtype.hasobject:
+                    raise SourceError(f"{path}: {ARRAY_KEY} holds Python objects; expected uint8 or float")
+                per_obj = NMR_NUM_VIEWS * 4 * NMR_IMAGE_SIZE * NMR_IMAGE_SIZE
+                out = np.empty((n, NMR_NUM_VIEWS, NMR_IMAGE_SIZE, NMR_IMAGE_SIZE, 4), np.uint8)
+                for start in range(0, n, _CHUNK_OBJECTS):
+                    m = min(_CHUNK_OBJECTS, n - start)
+                    raw = fh.read(m * per_obj * dtype.itemsize)
+                    if len(raw) != m * per_obj * dtype.itemsize:
+                        raise SourceError(f"{path}: {ARRAY_KEY} is truncated (header says {total} objects)")
+                    block = np.frombuffer(raw, dtype=dtype).reshape(m, NMR_NUM_VIEWS, 4, NMR_IMAGE_SIZE, NMR_IMAGE_SIZE)
+                    out[start:start + m] = _to_uint8(block, path).transpose(0, 1, 3, 4, 2)
+        except SourceError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+            raise SourceError(f"{path}: cannot read {ARRAY_KEY} ({type(err).__name__}: {err}); the file is "
+                              "truncated or corrupt: copy it again") from None
     return out
 
 
@@ -96,14 +104,14 @@ def load_nmr(data_cfg: Any, category: str, split: str) -> ObjectRenders:
     name, cap = resolve_request(data_cfg, category, split)
     folder = source_folder(data_cfg, "NMR", "set data.source_path to the folder with the <synset>_<split>_images.npz files")
     if int(data_cfg.views) != NMR_NUM_VIEWS or int(data_cfg.render_size) != NMR_IMAGE_SIZE:
-        raise ValueError(
+        raise ConfigError(
             f"the NMR renders have {NMR_NUM_VIEWS} views of {NMR_IMAGE_SIZE}x{NMR_IMAGE_SIZE}; set "
             f"data.views={NMR_NUM_VIEWS} and data.render_size={NMR_IMAGE_SIZE} "
             f"(got {data_cfg.views} and {data_cfg.render_size})"
         )
     path = nmr_file(folder, name, split)
     if not path.is_file():
-        raise FileNotFoundError(f"NMR file for {name}/{split} not found: expected {path}")
+        raise MissingSourceError(f"NMR file for {name}/{split} not found: expected {path}")
     rgba = read_nmr_images(path, cap)
     n = len(rgba)
     synset = SYNSETS[name]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from amodal3d.categories import SYNSETS
-from amodal3d.datamodules.sources.base import resolve_request, source_folder
+from amodal3d.datamodules.sources.base import MissingSourceError, SourceError, resolve_request, source_folder
 from amodal3d.datamodules.sources.base import ObjectRenders, nmr_cameras
 from amodal3d.datamodules.sources.render import cluster_vertices, normalize_vertices, render_objects
 
@@ -85,11 +85,12 @@ def load_shapenet(data_cfg: Any, category: str, split: str) -> ObjectRenders:
     )
     synset_dir = root / SYNSETS[name]
     if not synset_dir.is_dir():
-        raise FileNotFoundError(f"ShapeNetCore synset folder for {name} not found: expected {synset_dir}")
+        raise MissingSourceError(f"ShapeNetCore synset folder for {name} not found: expected {synset_dir}")
     model_ids = sorted(p.name for p in synset_dir.iterdir() if p.is_dir() and shapenet_split(p.name) == split)
     ids: list[str] = []
     meshes: list[tuple[np.ndarray, np.ndarray]] = []
     skipped: list[str] = []
+    why: list[str] = []  # per skipped model: its file and what is wrong with it
     for mid in model_ids:
         if 0 < cap <= len(ids):
             break
@@ -100,11 +101,17 @@ def load_shapenet(data_cfg: Any, category: str, split: str) -> ObjectRenders:
             verts, faces = read_obj(obj)
             verts = normalize_vertices(verts)
         except ValueError as err:
-            warnings.warn(f"shapenet {name}/{split}: skipping model {mid}: {err}", stacklevel=2)
             skipped.append(mid)
+            why.append(f"{obj or synset_dir / mid}: {err}")
             continue
         ids.append(mid)
         meshes.append((verts, faces))
+    if skipped and not ids:  # nothing usable: one error naming the first bad file, no warnings before it
+        more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
+        raise SourceError(f"shapenet {name}/{split}: no model under {synset_dir} could be read: {why[0]}{more}; "
+                          "fix or remove the bad models")
+    for mid, reason in zip(skipped, why):
+        warnings.warn(f"shapenet {name}/{split}: skipping model {mid}: {reason}", stacklevel=2)
     seed = int(data_cfg.seed)
     cams = nmr_cameras(int(data_cfg.views))
     cell = RENDER_CELL_PX * 0.0229 * 64 / int(data_cfg.render_size)

@@ -1,0 +1,208 @@
+"""The `detect` protocol: amodal masks from the image alone.
+
+Step 1 (the `visible` stage) detects each instance (class, score, visible mask,
+amodal box). Every method that starts from a visible mask (the reference rows,
+Deocclusion, the A3D chain, Ours; trained under gt-visible) is fed each detection
+as gt-visible feeds a GT instance: its visible mask, its class, and the other
+detections' visible masks as the occluders, cropped around its visible box.
+Mask R-CNN-family rows are their own detectors. Every row is then scored alike
+(metrics/detection.py): GT instances matched one-to-one to its detections by
+amodal-box IoU >= 0.5, highest score first (the step-1 amodal box for the rows fed
+by step 1), a missed instance scoring IoU 0; plus COCO amodal mask AP with the
+detection's score.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.ops import masks_to_boxes
+
+from amodal3d.bench.evaluate import MethodEntry, discover_methods, load_method
+from amodal3d.bench.reference import reference_modules
+from amodal3d.bench.table import NOT_TRAINED, MethodResult
+from amodal3d.categories import CATEGORIES
+from amodal3d.protocols import GT_VISIBLE
+
+DETECT = "detect"
+STEP1 = "visible"
+DETECT_NOTES = (
+    "detect: from the image alone. Rows fed by step 1 (the `visible` stage) get each detection's visible mask, "
+    "class and the other detections' visible masks, as gt-visible gives GT instances; Mask R-CNN-family rows "
+    "are their own detectors.",
+    "GT instances are matched one-to-one to a row's detections by amodal-box IoU >= 0.5, highest score first "
+    "(step 1's amodal box for the rows it feeds); an unmatched GT instance scores IoU 0.",
+)
+
+
+@dataclass
+class DetectResult:
+    """A row's detect figures: the seed-layout mIoU row and its COCO amodal mask AP."""
+
+    row: MethodResult
+    ap: dict[str, float] = field(default_factory=dict)
+
+
+def detect_loader(cfg: DictConfig, split: str = "test"):
+    """Whole test images with their instances, in order (built first if missing)."""
+    from amodal3d.datamodules.build import ensure_dataset
+    from amodal3d.datamodules.images import DetectionDataModule
+
+    ensure_dataset(cfg.data)
+    dm = DetectionDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}))
+    return dm.make_loader(dm.dataset(split), split)
+
+
+def step1_crops(images: list[torch.Tensor], dets: list[dict], crop_size: int, margin: float):
+    """The gt-visible crop batch of every usable step-1 detection of the images, and per
+    image the indices of the detections it kept (an empty visible mask feeds nothing)."""
+    from amodal3d.predict.crops import make_crops, occluder_masks
+
+    parts, kept = [], []
+    for img, d in zip(images, dets):
+        vis = (d["masks"][:, 0] > 0.5).cpu()
+        keep = torch.where(vis.flatten(1).any(1))[0]
+        kept.append(keep)
+        if len(keep) == 0:
+            continue
+        v = vis[keep].numpy()
+        rgb = (img.cpu().permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+        crops = make_crops(rgb, v, occluder_masks(v, "others"), masks_to_boxes(vis[keep]).numpy(), crop_size, margin)
+        crops["category"] = (d["labels"][keep].cpu() - 1).clamp_min(0)
+        parts.append(crops)
+    if not parts:
+        return None, kept
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, kept
+
+
+class DetectScorer:
+    """The detect metrics of one row, fed image by image."""
+
+    def __init__(self, device: torch.device) -> None:
+        from amodal3d.lightning_modules.detector import ap_metric
+        from amodal3d.metrics.detection import DetectionAmodalMIoU
+
+        self.miou = DetectionAmodalMIoU(len(CATEGORIES)).to(device)
+        self.ap = ap_metric("masks").to(device)
+        self.seconds = 0.0
+
+    def update(self, boxes, amodal, labels, scores, target) -> None:
+        gt_amodal = target["eval_amodal_masks"].bool()
+        self.miou.update_detections(boxes, amodal, target["amodal_boxes"], gt_amodal, target["masks"].bool(),
+                                    target["category"], scores=scores)
+        self.ap.update([{"masks": amodal, "scores": scores, "labels": labels - 1}],
+                       [{"masks": gt_amodal, "labels": target["category"], "image_id": int(target["index"])}])
+
+    def result(self, name: str, **kw) -> DetectResult:
+        res = {k: v.cpu() for k, v in self.miou.compute().items()}
+        row = MethodResult.from_metric(name, res, seconds=self.seconds, **kw)
+        return DetectResult(row, {k: float(v) for k, v in self.ap.compute().items()})
+
+
+def _to(target: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in target.items()}
+
+
+def _crop_config(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.merge(cfg, {"protocol": GT_VISIBLE})
+
+
+@torch.no_grad()
+def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | None = None,
+                    entries: list[MethodEntry] | None = None) -> tuple[list[DetectResult], list[MethodResult]]:
+    """(scored rows, rows that could not run, with the reason) of the detect protocol on
+    cfg's dataset, with the runs of cfg's experiment."""
+    from amodal3d.datamodules.crops import paste_crop_to_image
+    from amodal3d.lightning_modules.registry import get_stage
+    from amodal3d.runs import find_stage_checkpoint
+
+    crop_cfg = _crop_config(cfg)
+    entries = entries if entries is not None else discover_methods(str(cfg.experiment), str(cfg.run.root))
+    unscored: list[MethodResult] = []
+    try:
+        step1_ckpt = find_stage_checkpoint(STEP1, str(cfg.experiment), str(cfg.run.root))
+        step1 = get_stage(STEP1).module.load_from_checkpoint(str(step1_ckpt), map_location=device).to(device).eval()
+    except FileNotFoundError:
+        step1 = None
+    # rows fed by step 1 (references and crop methods of gt-visible), and the detectors
+    fed: list[tuple[str, object, str]] = []
+    detectors: list[tuple[str, object, str]] = []
+    if step1 is not None:
+        fed += [(name, module, "") for name, module in reference_modules(crop_cfg, device)]
+    for e in entries:
+        spec = get_stage(e.stage) if e.stage else None
+        is_detector = spec is not None and spec.data == "images"
+        if is_detector:
+            try:
+                ckpt = find_stage_checkpoint(e.stage, str(cfg.experiment), str(cfg.run.root))
+            except FileNotFoundError:
+                unscored.append(MethodResult(name=e.name, stage=e.stage, status=NOT_TRAINED))
+                continue
+            detectors.append((e.name, spec.module.load_from_checkpoint(str(ckpt), map_location=device).to(device).eval(),
+                              str(ckpt)))
+            continue
+        if e.status != "ok":
+            unscored.append(MethodResult(name=e.name, stage=e.stage, status=e.status))
+            continue
+        if step1 is None:
+            unscored.append(MethodResult(name=e.name, stage=e.stage,
+                                         status="needs step 1: train it with `make train STAGE=visible`"))
+            continue
+        try:
+            fed.append((e.name, load_method(e, device, crop_cfg), str(e.checkpoint or "")))
+        except Exception as err:  # e.g. trained under gt-box: it needs a box step 1 does not give it
+            unscored.append(MethodResult(name=e.name, stage=e.stage, status=f"error: {err}"))
+    scorers = {name: DetectScorer(device) for name, _, _ in fed + detectors}
+    lc = cfg.loader
+    for b, (images, targets) in enumerate(detect_loader(cfg)):
+        if max_batches is not None and b >= max_batches:
+            break
+        images = [im.to(device) for im in images]
+        targets = [_to(t, device) for t in targets]
+        for name, module, _ in detectors:
+            t0 = time.perf_counter()
+            out = module.detect(images)
+            scorers[name].seconds += time.perf_counter() - t0
+            for o, t in zip(out, targets):
+                scorers[name].update(o["boxes"], o["masks"][:, 0] > 0.5, o["labels"], o["scores"], t)
+        if step1 is None:
+            continue
+        dets = step1.detect(images)
+        crops, kept = step1_crops(images, dets, int(lc.crop_size), float(lc.visible_crop_margin))
+        h, w = images[0].shape[-2:]
+        counts = [len(k) for k in kept]
+        for name, module, _ in fed:
+            t0 = time.perf_counter()
+            if crops is not None:
+                batch = {k: v.to(device) for k, v in crops.items()}
+                amodal = paste_crop_to_image(module.predict_amodal(batch).float(), batch["crop_box"], h, w)[:, 0] > 0.5
+            else:
+                amodal = torch.zeros((0, h, w), dtype=torch.bool, device=device)
+            scorers[name].seconds += time.perf_counter() - t0
+            for d, keep, a, t in zip(dets, kept, amodal.split(counts), targets):
+                scorers[name].update(d["boxes"][keep], a, d["labels"][keep], d["scores"][keep], t)
+    if step1 is None:
+        unscored.insert(0, MethodResult(name="visible floor (step 1)", status=(
+            "needs step 1: train it with `make train STAGE=visible`; every row fed by step 1 waits for it")))
+    results = []
+    for name, _, ckpt in fed + detectors:
+        results.append(scorers[name].result(name, checkpoint=ckpt, reference=not ckpt))
+        print(f"[bench] detect {name}: mIoU {100 * results[-1].row.miou:.1f} AP {100 * results[-1].ap['AP']:.1f}",
+              file=sys.stderr, flush=True)
+    return results, unscored
+
+
+def ap_markdown(results: list[DetectResult]) -> str:
+    """COCO amodal mask AP / AP50 / AP75 (%) of every scored row."""
+    from amodal3d.bench.table import pct
+
+    lines = ["| method | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.row.name} | {pct(r.ap.get('AP', float('nan')))} | {pct(r.ap.get('AP50', float('nan')))} "
+                     f"| {pct(r.ap.get('AP75', float('nan')))} |")
+    return "\n".join(lines)
