@@ -124,7 +124,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from amodal3d.predict.run import predict_files
 
     rep = predict_files(args.input, args.out, checkpoint=args.ckpt, experiment=args.exp or "default",
-                        root=args.runs, device=args.device, batch_size=args.batch_size, occluder=args.occluder)
+                        root=args.runs, device=args.device, batch_size=args.batch_size, occluder=args.occluder,
+                        step1_checkpoint=args.step1)
     print(f"[predict] {rep.instances} instances in {rep.images} images, {rep.instances_per_s:.1f} instances/s "
           f"({args.device}) -> {rep.json_path}" + (f"; {len(rep.errors)} input(s) skipped" if rep.errors else ""))
     for e in rep.errors:
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stages", help="list the stages and what they need")
     p.set_defaults(func=_cmd_stages)
 
-    p = sub.add_parser("predict", help="amodal masks for image files with visible masks (PNG folders or COCO JSON)")
+    p = sub.add_parser("predict", help="amodal masks for image files: with visible masks (PNG folders or COCO JSON), "
+                                       "or without (step 1 detects the instances)")
     p.add_argument("--input", nargs="+", required=True,
                    help="image files, folders of images (masks in <image name>/<category>_<k>.png) or a COCO JSON")
     p.add_argument("--out", required=True, help="output folder: masks/, overlays/, amodal.json")
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--occluder", default="auto", choices=("auto", "unknown", "others"),
                    help="occluder of an instance: anything outside its visible mask, or the other instances' "
                         "visible masks; auto: others for gt-visible models, unknown for gt-box ones")
+    p.add_argument("--step1", default=None, help="step-1 (visible stage) checkpoint for images without a mask "
+                                                 "folder (default: the latest finished visible run of --exp)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="results table and speed figures (`bench --help`)", add_help=False)

@@ -213,3 +213,52 @@ def test_mask_pngs_in_the_common_encodings(tmp_path, kind, capsys):
     assert np.array_equal(read_mask_png(path), expected)
     said = capsys.readouterr().err
     assert ("pixels >= 128 count as visible" in said) == (kind == "grey levels")
+
+
+# -- raw images: step 1 detects the instances ---------------------------------------------------
+
+
+def test_raw_images_go_through_step_1_and_an_empty_image_is_an_empty_result(setup, tmp_path, monkeypatch):
+    """Images without mask folders: the step-1 checkpoint of the runs is loaded and its
+    detections (a stand-in with fixed outputs: an untrained detector finds nothing) feed the
+    amodal model; an image where nothing is detected is listed with no annotation."""
+    import shutil
+
+    from amodal3d.lightning_modules.visible import VisibleStage
+
+    runs = tmp_path / "runs"
+    shutil.copytree(setup["runs"], runs)
+    write_run(VisibleStage(load_config("visible", overrides=data_ov(setup["tmp"]) + [
+        "model.fpn_channels=16", "model.mask_channels=16"])), runs, "visible")
+    inp = tmp_path / "raw"
+    rng = np.random.default_rng(1)
+    _png(inp / "scene.png", (rng.random((H, W, 3)) * 255).astype(np.uint8))
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(inp / "empty.jpg")
+    chair = torch.from_numpy(_disc(24, 22, 12))
+
+    def fake_detect(self, images):
+        out = []
+        for im in images:
+            found = bool(im.sum() > 0)  # the black image holds nothing
+            n = 2 if found else 0
+            masks = torch.stack([chair, torch.from_numpy(_disc(20, 48, 6))]).float()[:n, None]
+            out.append({"boxes": torch.tensor([[8.0, 10, 36, 38], [40, 12, 56, 30]])[:n],
+                        "labels": torch.tensor([5, 4])[:n], "scores": torch.tensor([0.9, 0.3])[:n], "masks": masks})
+        return out
+
+    monkeypatch.setattr(VisibleStage, "detect", fake_detect)
+    out = tmp_path / "out"
+    assert main(["predict", "--input", str(inp), "--out", str(out), "--runs", str(runs)]) == 0
+    doc = json.loads((out / "amodal.json").read_text())
+    assert sorted(i["file_name"].rsplit("/", 1)[-1] for i in doc["images"]) == ["empty.jpg", "scene.png"]
+    (ann,) = doc["annotations"]  # the 0.3 detection is below predict's score floor
+    assert ann["category"] == "chair" and ann["score"] == pytest.approx(0.9)
+    assert ann["step1_amodal_bbox"] == [8.0, 10.0, 28.0, 28.0]
+    vis = mask_utils.decode(dict(ann["visible_segmentation"], counts=ann["visible_segmentation"]["counts"].encode()))
+    assert np.array_equal(vis.astype(bool), chair.numpy())
+    assert not (chair.numpy() & ~_decode(ann)).any()  # visible ⊆ amodal
+    assert (out / "overlays" / "empty.png").is_file() and doc["info"]["step1"].startswith("images without")
+    # no step-1 run: the raw image is reported by name, with what to do
+    assert main(["predict", "--input", str(inp / "scene.png"), "--out", str(tmp_path / "o2"),
+                 "--runs", str(setup["runs"])]) == 2
+    assert not (tmp_path / "o2").exists()

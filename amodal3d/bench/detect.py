@@ -59,8 +59,9 @@ def detect_loader(cfg: DictConfig, split: str = "test"):
 
 
 def step1_crops(images: list[torch.Tensor], dets: list[dict], crop_size: int, margin: float):
-    """The gt-visible crop batch of every usable step-1 detection of the images, and per
-    image the indices of the detections it kept (an empty visible mask feeds nothing)."""
+    """The gt-visible crop batch of every usable step-1 detection of the images (with the
+    image-frame visible and occluder masks), and per image the indices of the detections
+    it kept (an empty visible mask feeds nothing)."""
     from amodal3d.predict.crops import make_crops, occluder_masks
 
     parts, kept = [], []
@@ -71,9 +72,13 @@ def step1_crops(images: list[torch.Tensor], dets: list[dict], crop_size: int, ma
         if len(keep) == 0:
             continue
         v = vis[keep].numpy()
+        others = occluder_masks(v, "others")
         rgb = (img.cpu().permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-        crops = make_crops(rgb, v, occluder_masks(v, "others"), masks_to_boxes(vis[keep]).numpy(), crop_size, margin)
+        crops = make_crops(rgb, v, others, masks_to_boxes(vis[keep]).numpy(), crop_size, margin)
         crops["category"] = (d["labels"][keep].cpu() - 1).clamp_min(0)
+        # the image-frame inputs, as a gt-visible crop item carries them (the reference rules use them)
+        crops["image_visible"] = torch.from_numpy(v[:, None].astype(np.float32))
+        crops["image_occluded"] = torch.from_numpy(others[:, None].astype(np.float32))
         parts.append(crops)
     if not parts:
         return None, kept
@@ -108,7 +113,7 @@ def _to(target: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in target.items()}
 
 
-def _crop_config(cfg: DictConfig) -> DictConfig:
+def crop_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"protocol": GT_VISIBLE})
 
 
@@ -117,11 +122,10 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
                     entries: list[MethodEntry] | None = None) -> tuple[list[DetectResult], list[MethodResult]]:
     """(scored rows, rows that could not run, with the reason) of the detect protocol on
     cfg's dataset, with the runs of cfg's experiment."""
-    from amodal3d.datamodules.crops import paste_crop_to_image
     from amodal3d.lightning_modules.registry import get_stage
     from amodal3d.runs import find_stage_checkpoint
 
-    crop_cfg = _crop_config(cfg)
+    crop_cfg = crop_config(cfg)
     entries = entries if entries is not None else discover_methods(str(cfg.experiment), str(cfg.run.root))
     unscored: list[MethodResult] = []
     try:
@@ -178,9 +182,8 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         counts = [len(k) for k in kept]
         for name, module, _ in fed:
             t0 = time.perf_counter()
-            if crops is not None:
-                batch = {k: v.to(device) for k, v in crops.items()}
-                amodal = paste_crop_to_image(module.predict_amodal(batch).float(), batch["crop_box"], h, w)[:, 0] > 0.5
+            if crops is not None:  # scored as evaluate_batch scores a gt-visible batch
+                amodal = module.image_prediction({k: v.to(device) for k, v in crops.items()})[1][:, 0] > 0.5
             else:
                 amodal = torch.zeros((0, h, w), dtype=torch.bool, device=device)
             scorers[name].seconds += time.perf_counter() - t0

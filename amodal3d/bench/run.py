@@ -18,7 +18,7 @@ from pathlib import Path
 from amodal3d.config import REPO_ROOT, load_config
 from amodal3d.atomic import write_json_atomic
 
-PARTS = ("table", "seeds", "speed", "loader", "raster", "hardest", "recon", "all")
+PARTS = ("table", "seeds", "speed", "loader", "raster", "hardest", "recon", "detections", "all")
 #: the experiment whose runs each protocol's table scores when --exp is not given
 PROTOCOL_EXPERIMENTS = {"gt-visible": None, "gt-box": "gt_box", "detect": None}
 #: protocols a config can be trained under (the crop stages); `detect` scores any experiment's runs
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hardest-method", default="Ours", help="table row whose hardest cases the hardest part draws")
     ap.add_argument("--hardest-per-category", type=int, default=3, help="cases per category in bench/hardest.png")
     ap.add_argument("--predict-images", type=int, default=64, help="test images `predict` runs on in the speed part")
+    ap.add_argument("--sheet-images", type=int, default=8, help="test images the detections part draws")
     ap.add_argument("overrides", nargs="*", help="config dot-overrides, e.g. data.root=data/other loader.batch_size=64")
     return ap
 
@@ -272,6 +273,22 @@ def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
     return md
 
 
+def part_detections(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.atomic import write_text_atomic
+    from amodal3d.bench.detections import detection_sheet
+    from amodal3d.bench.speed import section_markdown
+
+    try:
+        png, note = detection_sheet(cfg, device, out / "detections.png", images=args.sheet_images)
+        body = f"![step-1 detections and Ours' amodal masks]({png.name})\n\n{note}"
+    except FileNotFoundError as err:  # no step-1 run: nothing to draw, said plainly
+        body = f"No step-1 detector to draw: {err}"
+    md = section_markdown(f"Detections on test images ({cfg.data.composite})", body, meta)
+    write_text_atomic(out / "detections.md", md)
+    print(md, flush=True)
+    return md
+
+
 def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
     from amodal3d.bench.meshes import camera_report, errors_markdown, mesh_sheet
@@ -301,7 +318,7 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
 
 
 PART_FUNCS = {"table": part_table, "seeds": part_seeds, "speed": part_speed, "loader": part_loader, "raster": part_raster,
-              "hardest": part_hardest, "recon": part_recon}
+              "hardest": part_hardest, "recon": part_recon, "detections": part_detections}
 
 
 def main(argv: list[str]) -> int:

@@ -26,6 +26,8 @@ class InstanceInput:
     segmentation: object = None  # COCO segmentation (RLE dict or polygon list)
     ann_id: int | None = None
     amodal_bbox: list[float] | None = None  # xywh
+    mask: np.ndarray | None = None  # the visible mask itself (a step-1 detection)
+    score: float = 1.0  # a detection's score (1 for a given mask)
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ImageInput:
     instances: list[InstanceInput] = field(default_factory=list)
     size: tuple[int, int] | None = None  # (h, w) claimed by a COCO file
     key: str = ""  # output name (unique)
+    detect: bool = False  # no mask folder: step 1 detects its instances
 
 
 @dataclass
@@ -66,8 +69,12 @@ def _folder_instances(image: Path) -> list[InstanceInput]:
 
 
 def read_folder_inputs(images: list[Path], errors: list[dict], first_id: int = 1) -> list[ImageInput]:
+    """Images with their mask folders; an image without one is left to step 1 (detect=True)."""
     out = []
     for k, image in enumerate(images):
+        if not image.with_suffix("").exists():
+            out.append(ImageInput(path=image, image_id=first_id + k, detect=True))
+            continue
         try:
             out.append(ImageInput(path=image, image_id=first_id + k, instances=_folder_instances(image)))
         except InputError as err:
@@ -211,7 +218,9 @@ def decode_segmentation(seg, h: int, w: int) -> np.ndarray:
 
 
 def instance_mask(inst: InstanceInput, h: int, w: int) -> np.ndarray:
-    if inst.mask_path is not None:
+    if inst.mask is not None:
+        m = inst.mask
+    elif inst.mask_path is not None:
         m = read_mask_png(inst.mask_path)
         if m.shape != (h, w):
             raise InputError(f"the mask is {m.shape[0]}x{m.shape[1]} (h x w) but its image is {h}x{w}")

@@ -26,11 +26,14 @@ def mask_outline(mask: np.ndarray) -> np.ndarray:
 
 
 def overlay_image(
-    image: np.ndarray, visible: list[np.ndarray], amodal: list[np.ndarray], min_side: int = 256
+    image: np.ndarray, visible: list[np.ndarray], amodal: list[np.ndarray], min_side: int = 256,
+    labels: list[str] | None = None,
 ) -> np.ndarray:
     """uint8 overlay: per instance its visible part tinted, the predicted hidden part
-    hatched, the amodal outline drawn; small images are enlarged (nearest)."""
-    from torchvision.utils import draw_segmentation_masks
+    hatched, the amodal outline drawn, and its label (e.g. class and score) written at the
+    top-left of its amodal mask's box; small images are enlarged (nearest)."""
+    from torchvision.ops import masks_to_boxes
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     k = max(1, math.ceil(min_side / max(image.shape[:2])))
     up = lambda a: np.repeat(np.repeat(a, k, 0), k, 1)  # noqa: E731
@@ -48,4 +51,10 @@ def overlay_image(
         out = draw_segmentation_masks(out, hidden, alpha=0.25, colors=c)
         out[:, hidden & hatch] = colour
         out[:, torch.from_numpy(mask_outline(a))] = colour
-    return (out * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    out = (out * 255).round().clamp(0, 255).to(torch.uint8)
+    shown = [i for i, a in enumerate(amodal) if labels is not None and a.any()]
+    if shown:
+        boxes = masks_to_boxes(torch.from_numpy(np.stack([amodal[i] for i in shown]))) * k
+        out = draw_bounding_boxes(out, boxes, [labels[i] for i in shown], width=1,
+                                  colors=[_PALETTE[i % len(_PALETTE)] for i in shown])
+    return out.permute(1, 2, 0).numpy()

@@ -13,6 +13,7 @@ import torch
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.predict.crops import OCCLUDER_MODES, make_crops, occluder_masks
+from amodal3d.predict.detect import MIN_SCORE
 from amodal3d.predict.inputs import (
     ImageInput, InputError, InputSet, InstanceInput, collect_inputs, instance_mask, read_rgb, report_error,
     resolve_category,
@@ -87,12 +88,18 @@ def _nothing_usable(errors: list[dict]) -> InputError:
 
 
 def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, occluder: str,
-             amodal_boxes: bool = True) -> _Prepared | None:
+             amodal_boxes: bool = True, step1=None, device: torch.device | None = None) -> _Prepared | None:
     try:
         rgb = read_rgb(img.path)
     except InputError as err:
         report_error(inputs.errors, str(img.path), str(err))
         return None
+    if img.detect:
+        from amodal3d.predict.detect import detected_instances
+
+        img.instances = detected_instances(step1, rgb, str(img.path), device)
+        if not img.instances:  # nothing detected: an empty result for this image, not an error
+            return _Prepared(img, rgb, [], np.zeros((0, *rgb.shape[:2]), bool), np.zeros(0, np.int64), {})
     h, w = rgb.shape[:2]
     if img.size is not None and img.size != (h, w):
         report_error(inputs.errors, str(img.path),
@@ -149,11 +156,14 @@ def _run_model(module, prepared: list[_Prepared], batch_size: int, device: torch
     return list(torch.split(prob, [len(p.instances) for p in prepared]))
 
 
-def _finish(p: _Prepared, prob: torch.Tensor, out: Path, anns: list[dict], images: list[dict]) -> None:
+def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict], images: list[dict]) -> None:
     from amodal3d.datamodules.crops import paste_crop_to_image
 
     h, w = p.rgb.shape[:2]
-    amodal = (paste_crop_to_image(prob, p.crops["crop_box"], h, w)[:, 0] > 0.5).numpy() | p.visible
+    if p.instances:
+        amodal = (paste_crop_to_image(prob, p.crops["crop_box"], h, w)[:, 0] > 0.5).numpy() | p.visible
+    else:
+        amodal = np.zeros((0, h, w), bool)
     for inst, v, a, cat, bbox in zip(p.instances, p.visible, amodal, p.category, boxes_xywh(amodal)):
         rel = Path("masks") / p.image.key / f"{inst.name}.png"
         save_png(a.astype(np.uint8) * 255, out / rel)
@@ -163,10 +173,15 @@ def _finish(p: _Prepared, prob: torch.Tensor, out: Path, anns: list[dict], image
             "category_id": inst.category if inst.ann_id is not None else int(cat) + 1,
             "category": CATEGORIES[int(cat)],
             "segmentation": encode_rle(a), "area": int(a.sum()), "bbox": bbox,
-            "visible_area": int(v.sum()), "iscrowd": 0, "score": 1.0,
+            "visible_area": int(v.sum()), "iscrowd": 0, "score": inst.score,
             "mask_file": str(rel), "input": inst.source,
         })
-    save_png(overlay_image(p.rgb, list(p.visible), list(amodal)), out / "overlays" / f"{p.image.key}.png")
+        if p.image.detect:  # what step 1 found: the visible mask, its box and score
+            anns[-1].update(visible_segmentation=encode_rle(v), step1_amodal_bbox=inst.amodal_bbox)
+    labels = [f"{CATEGORIES[int(c)]} {inst.score:.2f}" for inst, c in zip(p.instances, p.category)] \
+        if p.image.detect else None
+    save_png(overlay_image(p.rgb, list(p.visible), list(amodal), labels=labels),
+             out / "overlays" / f"{p.image.key}.png")
     images.append({"id": p.image.image_id, "file_name": str(p.image.path), "height": h, "width": w,
                    "overlay": f"overlays/{p.image.key}.png"})
 
@@ -181,10 +196,14 @@ def predict_files(
     device: str | torch.device = "cpu",
     batch_size: int = 32,
     occluder: str = "auto",
+    step1_checkpoint: str | Path | None = None,
 ) -> PredictReport:
     """Amodal masks of every instance of `inputs` written under out_dir (formats: amodal3d.predict).
 
     module: an AmodalStage already loaded (else load_predictor(checkpoint, experiment)).
+    An image without a mask folder is detected by step 1 (step1_checkpoint, else the
+    latest finished `visible` run of the experiment); without a step-1 checkpoint it is
+    reported and skipped like any other bad input.
     The report's seconds cover reading, cropping, the model and writing (not the
     model load); its errors list every skipped input with the reason. When no input can
     be used, InputError names the first bad one and nothing is written."""
@@ -199,6 +218,19 @@ def predict_files(
     t_collect = time.perf_counter() - t_collect
     if not inputs.images:
         raise _nothing_usable(inputs.errors)
+    step1 = None
+    if any(im.detect for im in inputs.images):
+        from amodal3d.predict.detect import load_step1
+
+        try:
+            step1, _ = load_step1(step1_checkpoint, experiment, root, device)
+        except MissingCheckpointError as err:
+            for im in [im for im in inputs.images if im.detect]:
+                report_error(inputs.errors, str(im.path), f"no mask folder {im.path.with_suffix('')}/ next to "
+                             f"it (one PNG per instance) and {err}")
+            inputs.images = [im for im in inputs.images if not im.detect]
+            if not inputs.images:
+                raise _nothing_usable(inputs.errors)
     if module is None:
         module, path = load_predictor(checkpoint, experiment, root, device)
         ckpt_name = str(path)
@@ -225,20 +257,24 @@ def predict_files(
             chunk.clear()
 
     for img in inputs.images:
-        p = _prepare(img, inputs, crop_size, margin, occluder, amodal_boxes=box_protocol)
-        if p is not None:
+        p = _prepare(img, inputs, crop_size, margin, occluder, amodal_boxes=box_protocol, step1=step1, device=device)
+        if p is not None and not p.instances:
+            _finish(p, None, out, anns, images)
+        elif p is not None:
             chunk.append(p)
         if sum(len(c.instances) for c in chunk) >= batch_size:
             flush()
     flush()
-    if not anns:  # every input was bad: no JSON that a reader could take for a result
+    if not images:  # every input was bad: no JSON that a reader could take for a result
         raise _nothing_usable(inputs.errors)
     doc = {
         "info": {"description": "amodal masks predicted by amodal3d", "checkpoint": ckpt_name,
                  "stage": str(module.cfg.stage), "occluder": occluder, "crop_size": crop_size, "crop_margin": margin,
                  "protocol": protocol,
-                 "box": ("amodal_bbox when the input gives one, else the box of the visible mask" if box_protocol
-                         else "the box of the visible mask")},
+                 "box": ("amodal_bbox when the input gives one (step 1's amodal box for detections), else the box "
+                         "of the visible mask" if box_protocol else "the box of the visible mask"),
+                 "step1": "images without a mask folder: instances detected by the `visible` stage, score >= "
+                          f"{MIN_SCORE}" if step1 is not None else "not used"},
         "images": images, "categories": inputs.categories, "annotations": anns, "errors": inputs.errors,
     }
     json_path = out / JSON_NAME
