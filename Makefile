@@ -1,5 +1,5 @@
 # amodal3d — every target installs what it needs first (`setup` is idempotent).
-# Usage: make bench [PROTOCOL=gt-visible|gt-box]; make train STAGE=recon [EXP=name] [DEBUG=fdr|tiny|overfit] [RESUME=run_id] [OVERRIDES="trainer.max_epochs=3"]
+# Usage: make bench [PROTOCOL=gt-visible|gt-box|detect]; make train STAGE=recon [EXP=name] [DEBUG=fdr|tiny|overfit] [RESUME=run_id] [OVERRIDES="trainer.max_epochs=3"]
 SHELL := /bin/bash
 # +B: no brace expansion, so dict overrides (OVERRIDES="data.objects_per_split={train:1,val:0}") reach the CLI whole
 .SHELLFLAGS := +B -c
@@ -21,10 +21,10 @@ BENCH_ARGS = $(if $(PROTOCOL),--protocol $(PROTOCOL))
 
 CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 
-.PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-loader bench-raster bench-hardest bench-recon predict sheets tensorboard stages clean help
+.PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-loader bench-raster bench-hardest bench-recon bench-detections predict sheets tensorboard stages clean help
 
 help:
-	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench [PROTOCOL=gt-visible|gt-box] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
+	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench [PROTOCOL=gt-visible|gt-box|detect] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | bench-detections | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
 
 setup: $(STAMP)
 
@@ -73,6 +73,9 @@ bench-hardest: setup
 
 bench-recon: setup
 	$(PY) -m amodal3d bench recon $(OVERRIDES)
+
+bench-detections: setup
+	$(PY) -m amodal3d bench detections $(if $(EXP),--exp $(EXP)) $(OVERRIDES)
 
 sheets: setup
 	$(PY) -m amodal3d sheets $(CFG_ARGS) $(OVERRIDES)

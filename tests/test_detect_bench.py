@@ -72,7 +72,8 @@ def test_a_perfect_step_1_gives_the_gt_visible_figures(tiny, tmp_path, monkeypat
         shutil.copytree(runs / "default" / stage, tmp_path / "runs" / "default" / stage)
     _perfect_step1(monkeypatch)(tiny / "data")
     cfg = load_config(None, overrides=_ov(tiny) + [f"run.root={tmp_path / 'runs'}"])
-    scored, unscored = evaluate_detect(cfg, torch.device("cpu"))
+    report = evaluate_detect(cfg, torch.device("cpu"))
+    scored, unscored = report.scored, report.unscored
     rows = {r.row.name: r for r in scored}
     gt_visible = {r.name: r for r in evaluate_all(cfg, discover_methods("default", str(tmp_path / "runs")),
                                                   torch.device("cpu"))}
@@ -84,11 +85,19 @@ def test_a_perfect_step_1_gives_the_gt_visible_figures(tiny, tmp_path, monkeypat
     assert "Mask R-CNN" in rows and math.isfinite(rows["Mask R-CNN"].row.miou)  # its own detector
     # the rows no detect run can score say why: not trained, or trained under another protocol
     assert {r.name for r in unscored} >= {"Ours", "render"}
+    # step 1's own test APs: the perfect detections have every visible mask and amodal box right
+    assert report.step1["visible_mask_AP"] == pytest.approx(1.0) and report.step1["amodal_box_AP"] == pytest.approx(1.0)
+    from amodal3d.bench.detect import ap_markdown
+
+    md = ap_markdown(report)
+    assert "| visible-mask AP | 100.0 | 100.0 | 100.0 |" in md and "| Mask R-CNN |" in md
 
 
 def test_without_step_1_the_fed_rows_say_so_and_the_detectors_still_run(tiny):
     cfg = load_config(None, overrides=_ov(tiny) + [f"run.root={tiny / 'runs'}"])
-    scored, unscored = evaluate_detect(cfg, torch.device("cpu"), max_batches=1)
+    report = evaluate_detect(cfg, torch.device("cpu"), max_batches=1)
+    scored, unscored = report.scored, report.unscored
+    assert report.step1 == {}
     assert [r.row.name for r in scored] == ["Mask R-CNN"]
     why = {r.name: r.status for r in unscored}
     assert "needs step 1" in why["visible floor (step 1)"] and "make train STAGE=visible" in why["Deocclusion"]

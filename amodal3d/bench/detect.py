@@ -41,6 +41,16 @@ DETECT_NOTES = (
 
 
 @dataclass
+class DetectReport:
+    """What `evaluate_detect` returns: the scored rows, the rows that could not run (with
+    why), and step 1's own test figures (visible-mask and amodal-box AP; {} without it)."""
+
+    scored: list
+    unscored: list
+    step1: dict = field(default_factory=dict)
+
+
+@dataclass
 class DetectResult:
     """A row's detect figures: the seed-layout mIoU row and its COCO amodal mask AP."""
 
@@ -119,9 +129,8 @@ def crop_config(cfg: DictConfig) -> DictConfig:
 
 @torch.no_grad()
 def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | None = None,
-                    entries: list[MethodEntry] | None = None) -> tuple[list[DetectResult], list[MethodResult]]:
-    """(scored rows, rows that could not run, with the reason) of the detect protocol on
-    cfg's dataset, with the runs of cfg's experiment."""
+                    entries: list[MethodEntry] | None = None) -> DetectReport:
+    """The detect protocol on cfg's test split, with the runs of cfg's experiment."""
     from amodal3d.lightning_modules.registry import get_stage
     from amodal3d.runs import find_stage_checkpoint
 
@@ -162,6 +171,11 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         except Exception as err:  # e.g. trained under gt-box: it needs a box step 1 does not give it
             unscored.append(MethodResult(name=e.name, stage=e.stage, status=f"error: {err}"))
     scorers = {name: DetectScorer(device) for name, _, _ in fed + detectors}
+    step1_metrics = {}
+    if step1 is not None:
+        from amodal3d.lightning_modules.detector import ap_metric
+
+        step1_metrics = {"visible_mask": ap_metric("masks").to(device), "amodal_box": ap_metric("boxes").to(device)}
     lc = cfg.loader
     for b, (images, targets) in enumerate(detect_loader(cfg)):
         if max_batches is not None and b >= max_batches:
@@ -177,6 +191,7 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         if step1 is None:
             continue
         dets = step1.detect(images)
+        step1.update_eval(dets, targets, step1_metrics)  # its own test AP, as its validation reports it
         crops, kept = step1_crops(images, dets, int(lc.crop_size), float(lc.visible_crop_margin))
         h, w = images[0].shape[-2:]
         counts = [len(k) for k in kept]
@@ -197,15 +212,23 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         results.append(scorers[name].result(name, checkpoint=ckpt, reference=not ckpt))
         print(f"[bench] detect {name}: mIoU {100 * results[-1].row.miou:.1f} AP {100 * results[-1].ap['AP']:.1f}",
               file=sys.stderr, flush=True)
-    return results, unscored
+    step1_ap = {f"{name}_{k}": float(v) for name, m in step1_metrics.items() for k, v in m.compute().items()}
+    return DetectReport(results, unscored, step1_ap)
 
 
-def ap_markdown(results: list[DetectResult]) -> str:
-    """COCO amodal mask AP / AP50 / AP75 (%) of every scored row."""
+def ap_markdown(report: DetectReport) -> str:
+    """COCO amodal mask AP / AP50 / AP75 (%) of every scored row, then step 1's own APs."""
     from amodal3d.bench.table import pct
 
-    lines = ["| method | AP | AP50 | AP75 |", "|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.row.name} | {pct(r.ap.get('AP', float('nan')))} | {pct(r.ap.get('AP50', float('nan')))} "
-                     f"| {pct(r.ap.get('AP75', float('nan')))} |")
+    nan = float("nan")
+    lines = ["## COCO amodal mask AP, detect (test split)", "", "| method | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    for r in report.scored:
+        lines.append(f"| {r.row.name} | {pct(r.ap.get('AP', nan))} | {pct(r.ap.get('AP50', nan))} "
+                     f"| {pct(r.ap.get('AP75', nan))} |")
+    if report.step1:
+        lines += ["", "## Step 1 (`visible` stage) on the test split", "", "| what | AP | AP50 | AP75 |",
+                  "|---|---|---|---|"]
+        for name, label in (("visible_mask", "visible-mask AP"), ("amodal_box", "amodal-box AP")):
+            lines.append(f"| {label} | " + " | ".join(pct(report.step1.get(f"{name}_{k}", nan))
+                                                      for k in ("AP", "AP50", "AP75")) + " |")
     return "\n".join(lines)

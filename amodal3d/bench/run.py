@@ -134,10 +134,10 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
             from amodal3d.bench.detect import DETECT_NOTES, ap_markdown, evaluate_detect
 
             pmeta["protocol"] = "detect"
-            scored, unscored = evaluate_detect(pcfg, device, args.limit_batches)
-            results = [r.row for r in scored] + unscored
+            report = evaluate_detect(pcfg, device, args.limit_batches)
+            results = [r.row for r in report.scored] + report.unscored
             extra = list(DETECT_NOTES)
-            appendix = "## COCO amodal mask AP, detect (test split)\n\n" + ap_markdown(scored)
+            appendix = ap_markdown(report)
         else:
             results = evaluate_all(pcfg, _entries(args, pcfg), device, args.limit_batches)
             extra = [crop_coverage_note(pcfg)]
