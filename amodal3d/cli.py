@@ -125,7 +125,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     rep = predict_files(args.input, args.out, checkpoint=args.ckpt, experiment=args.exp or "default",
                         root=args.runs, device=args.device, batch_size=args.batch_size, occluder=args.occluder,
-                        step1_checkpoint=args.step1)
+                        step1_checkpoint=args.step1, meshes=args.meshes)
     print(f"[predict] {rep.instances} instances in {rep.images} images, {rep.instances_per_s:.1f} instances/s "
           f"({args.device}) -> {rep.json_path}" + (f"; {len(rep.errors)} input(s) skipped" if rep.errors else ""))
     for e in rep.errors:
@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "visible masks; auto: others for gt-visible models, unknown for gt-box ones")
     p.add_argument("--step1", default=None, help="step-1 (visible stage) checkpoint for images without a mask "
                                                  "folder (default: the latest finished visible run of --exp)")
+    p.add_argument("--meshes", action="store_true", help="also write each instance's reconstructed mesh (OBJ) "
+                                                         "with its camera (a model with a 3D prior)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("bench", help="results table and speed figures (`bench --help`)", add_help=False)

@@ -20,6 +20,7 @@ from amodal3d.predict.crops import make_crops, occluder_masks
 from amodal3d.predict.outputs import boxes_xywh
 from amodal3d.predict.overlay import _PALETTE, mask_outline, overlay_image
 from amodal3d.predict.run import predict_files
+from amodal3d.errors import InputError
 from amodal3d.predict.throughput import predict_throughput
 from fakes import build_fake_dataset
 from amodal3d.lightning_modules.refine import RefineStage
@@ -262,3 +263,20 @@ def test_raw_images_go_through_step_1_and_an_empty_image_is_an_empty_result(setu
     assert main(["predict", "--input", str(inp / "scene.png"), "--out", str(tmp_path / "o2"),
                  "--runs", str(setup["runs"])]) == 2
     assert not (tmp_path / "o2").exists()
+
+
+def test_meshes_are_written_as_obj_with_their_camera(setup, tmp_path):
+    from pytorch3d.io import load_obj
+
+    out = tmp_path / "out"
+    inp = setup["inp"]
+    rep = predict_files([inp / "a.png"], out, experiment="default", root=str(setup["runs"]), meshes=True)
+    doc = json.loads((out / "amodal.json").read_text())
+    assert rep.instances == len(doc["annotations"]) == 2
+    for ann in doc["annotations"]:
+        verts, faces, _ = load_obj(str(out / ann["mesh_file"]), load_textures=False)
+        assert verts.shape[1] == 3 and faces.verts_idx.shape[1] == 3 and len(verts) > 100
+        assert set(ann["camera"]) == {"azimuth", "elevation", "distance"}
+    # a model without a 3D prior has no mesh to give
+    with pytest.raises(InputError, match="--meshes needs a model with a 3D prior"):
+        predict_files([inp / "a.png"], tmp_path / "o2", checkpoint=setup["ckpt_2d"], meshes=True)

@@ -1,4 +1,5 @@
-"""Inference on image files: visible masks in, amodal masks out (`make predict`).
+"""Inference on image files: visible masks (given, or detected by step 1) in, amodal
+masks out (`make predict`).
 
 Inputs (one or more paths):
   * an image file (PNG/JPEG) `<dir>/<name>.png`, its instances' visible masks in the
@@ -6,7 +7,10 @@ Inputs (one or more paths):
     (category: one of amodal3d.categories.CATEGORIES or its ShapeNet synset id;
     a mask of two values, 0 and one other (0/1 label masks, 0/255), is "non-zero = on";
     a mask of more grey levels is thresholded at half its range);
-  * a folder: every PNG/JPEG directly inside it, each with its mask folder as above;
+  * an image file without a mask folder: step 1 (the `visible` stage, amodal3d.predict.detect)
+    detects its instances (score >= 0.5); its amodal box is the crop box of a gt-box model;
+    an image with no detection is listed with no annotation;
+  * a folder: every PNG/JPEG directly inside it, each with its mask folder or without;
   * a COCO-style JSON: `images` (id, file_name relative to the JSON's folder, optional
     width/height), `categories` (id, name) and `annotations` (image_id, category_id,
     `segmentation` = the visible mask as RLE or polygons, optional `amodal_bbox`
@@ -26,12 +30,14 @@ for gt-visible models and "unknown" for gt-box ones.
 Outputs under `out`: `masks/<image>/<instance>.png` (amodal masks, 0/255, the visible
 mask included), `overlays/<image>.png` (visible part tinted, predicted hidden part
 hatched, amodal outline, one colour per instance) and `amodal.json` (COCO style: the
-amodal masks as RLE via pycocotools.mask.encode, plus an `errors` list). A bad input
+amodal masks as RLE via pycocotools.mask.encode, the score, for detections the visible
+RLE and step 1's amodal box, plus an `errors` list); with meshes, `meshes/<image>/
+<instance>.obj` (the 3D prior's mesh, pytorch3d's OBJ writer) and its camera in the JSON. A bad input
 (missing file, mask size different from its image, unknown category, empty mask)
 is reported with its name and skipped; the other inputs are still processed. When no
 input can be used, nothing is written and the error names the first bad input.
 
-Modules: inputs (reading and checking the inputs), crops (what the model is fed),
+Modules: inputs (reading and checking the inputs), detect (step 1), crops (what the model is fed),
 run (loading the model, the pipeline, predict_files), outputs (PNG, RLE, JSON
 writing), overlay (the overlay drawing), throughput (the bench's end-to-end timing).
 """

@@ -77,6 +77,7 @@ class _Prepared:
     visible: np.ndarray  # (n,H,W) bool
     category: np.ndarray  # (n,) CATEGORIES index
     crops: dict
+    meshes: tuple | None = None  # (verts (n,V,3), cameras (n,3)) with --meshes
 
 
 def _nothing_usable(errors: list[dict]) -> InputError:
@@ -140,23 +141,42 @@ def _prepare(img: ImageInput, inputs: InputSet, crop_size: int, margin: float, o
 
 
 @torch.no_grad()
-def _run_model(module, prepared: list[_Prepared], batch_size: int, device: torch.device) -> list[torch.Tensor]:
-    """Amodal probabilities in the crop frame, one (n_i,1,S,S) tensor per prepared image."""
+def _run_model(module, prepared: list[_Prepared], batch_size: int, device: torch.device,
+               meshes: bool = False) -> list[torch.Tensor]:
+    """Amodal probabilities in the crop frame, one (n_i,1,S,S) tensor per prepared image;
+    with meshes, each prepared image also gets `p.meshes`: (verts (n_i,V,3), cameras (n_i,3))
+    of the 3D prior behind each mask."""
     keys = [k for k in ("rgb", "visible", "occluded", "crop_box", "amodal_box") if k in prepared[0].crops]
     allc = {k: torch.cat([p.crops[k] for p in prepared]) for k in keys}
     allc["category"] = torch.from_numpy(np.concatenate([p.category for p in prepared]))
     n = allc["category"].shape[0]
     allc["index"] = torch.arange(n)
     allc["object_id"] = torch.full((n,), -1, dtype=torch.long)
-    probs = []
+    probs, verts, cams = [], [], []
     for lo in range(0, n, batch_size):
         batch = {k: v[lo:lo + batch_size].to(device) for k, v in allc.items()}
         probs.append(module.predict_amodal(batch).float().cpu())
-    prob = torch.cat(probs)
-    return list(torch.split(prob, [len(p.instances) for p in prepared]))
+        if meshes:
+            _, out = module.prior.render_outputs(batch)
+            verts.append(out["verts"].float().cpu())
+            cams.append(out["camera"].float().cpu())
+    counts = [len(p.instances) for p in prepared]
+    if meshes:
+        for p, v, c in zip(prepared, torch.cat(verts).split(counts), torch.cat(cams).split(counts)):
+            p.meshes = (v, c)
+    return list(torch.split(torch.cat(probs), counts))
 
 
-def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict], images: list[dict]) -> None:
+def _write_mesh(path: Path, verts: torch.Tensor, faces: torch.Tensor) -> None:
+    from pytorch3d.io import save_obj
+
+    from amodal3d.atomic import replace_atomically
+
+    replace_atomically(path, lambda tmp: save_obj(str(tmp), verts, faces))
+
+
+def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict], images: list[dict],
+            faces: torch.Tensor | None = None) -> None:
     from amodal3d.datamodules.crops import paste_crop_to_image
 
     h, w = p.rgb.shape[:2]
@@ -164,7 +184,7 @@ def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict]
         amodal = (paste_crop_to_image(prob, p.crops["crop_box"], h, w)[:, 0] > 0.5).numpy() | p.visible
     else:
         amodal = np.zeros((0, h, w), bool)
-    for inst, v, a, cat, bbox in zip(p.instances, p.visible, amodal, p.category, boxes_xywh(amodal)):
+    for j, (inst, v, a, cat, bbox) in enumerate(zip(p.instances, p.visible, amodal, p.category, boxes_xywh(amodal))):
         rel = Path("masks") / p.image.key / f"{inst.name}.png"
         save_png(a.astype(np.uint8) * 255, out / rel)
         anns.append({
@@ -178,6 +198,11 @@ def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict]
         })
         if p.image.detect:  # what step 1 found: the visible mask, its box and score
             anns[-1].update(visible_segmentation=encode_rle(v), step1_amodal_bbox=inst.amodal_bbox)
+        if p.meshes is not None:  # the 3D shape behind the mask, in the prior's canonical frame, and its camera
+            mesh_rel = Path("meshes") / p.image.key / f"{inst.name}.obj"
+            _write_mesh(out / mesh_rel, p.meshes[0][j], faces)
+            az, el, dist = (float(x) for x in p.meshes[1][j])
+            anns[-1].update(mesh_file=str(mesh_rel), camera={"azimuth": az, "elevation": el, "distance": dist})
     labels = [f"{CATEGORIES[int(c)]} {inst.score:.2f}" for inst, c in zip(p.instances, p.category)] \
         if p.image.detect else None
     save_png(overlay_image(p.rgb, list(p.visible), list(amodal), labels=labels),
@@ -197,13 +222,16 @@ def predict_files(
     batch_size: int = 32,
     occluder: str = "auto",
     step1_checkpoint: str | Path | None = None,
+    meshes: bool = False,
 ) -> PredictReport:
     """Amodal masks of every instance of `inputs` written under out_dir (formats: amodal3d.predict).
 
     module: an AmodalStage already loaded (else load_predictor(checkpoint, experiment)).
     An image without a mask folder is detected by step 1 (step1_checkpoint, else the
     latest finished `visible` run of the experiment); without a step-1 checkpoint it is
-    reported and skipped like any other bad input.
+    reported and skipped like any other bad input. meshes: also write each instance's
+    mesh (OBJ, meshes/<image>/<instance>.obj) and its camera (in amodal.json); the model
+    needs a 3D prior.
     The report's seconds cover reading, cropping, the model and writing (not the
     model load); its errors list every skipped input with the reason. When no input can
     be used, InputError names the first bad one and nothing is written."""
@@ -235,6 +263,12 @@ def predict_files(
         module, path = load_predictor(checkpoint, experiment, root, device)
         ckpt_name = str(path)
     module = module.to(device).eval()
+    faces = None
+    if meshes:
+        if getattr(module, "prior", None) is None:
+            raise InputError(f"--meshes needs a model with a 3D prior; stage {module.cfg.stage!r} has none "
+                             "(give --ckpt a refine or joint checkpoint, or drop --meshes)")
+        faces = module.prior.recon_net.faces.cpu()
     from amodal3d.protocols import gives_amodal_box, protocol_of
 
     protocol = protocol_of(module.cfg)
@@ -252,8 +286,8 @@ def predict_files(
 
     def flush() -> None:
         if chunk:
-            for p, prob in zip(chunk, _run_model(module, chunk, batch_size, device)):
-                _finish(p, prob, out, anns, images)
+            for p, prob in zip(chunk, _run_model(module, chunk, batch_size, device, meshes)):
+                _finish(p, prob, out, anns, images, faces)
             chunk.clear()
 
     for img in inputs.images:
