@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.ops import masks_to_boxes
 
 from amodal3d.bench.evaluate import MethodEntry, discover_methods, load_method
+from amodal3d.bench.ours import OURS_TRUE_CAMERA
 from amodal3d.bench.reference import reference_modules
 from amodal3d.bench.table import NOT_TRAINED, MethodResult
 from amodal3d.categories import CATEGORIES
@@ -31,6 +32,7 @@ from amodal3d.protocols import GT_VISIBLE
 
 DETECT = "detect"
 STEP1 = "visible"
+TRUE_CAMERA_ONLY = "reads each GT instance's true camera: not defined for detections"
 DETECT_NOTES = (
     "detect: from the image alone. Rows fed by step 1 (the `visible` stage) get each detection's visible mask, "
     "class and the other detections' visible masks, as gt-visible gives GT instances; Mask R-CNN-family rows "
@@ -162,6 +164,9 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         if e.status != "ok":
             unscored.append(MethodResult(name=e.name, stage=e.stage, status=e.status))
             continue
+        if e.name == OURS_TRUE_CAMERA:  # it reads each instance's true camera: a detection has none
+            unscored.append(MethodResult(name=e.name, stage=e.stage, status=TRUE_CAMERA_ONLY))
+            continue
         if step1 is None:
             unscored.append(MethodResult(name=e.name, stage=e.stage,
                                          status="needs step 1: train it with `make train STAGE=visible`"))
@@ -195,12 +200,18 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         crops, kept = step1_crops(images, dets, int(lc.crop_size), float(lc.visible_crop_margin))
         h, w = images[0].shape[-2:]
         counts = [len(k) for k in kept]
-        for name, module, _ in fed:
+        for name, module, ckpt in list(fed):
             t0 = time.perf_counter()
-            if crops is not None:  # scored as evaluate_batch scores a gt-visible batch
-                amodal = module.image_prediction({k: v.to(device) for k, v in crops.items()})[1][:, 0] > 0.5
-            else:
-                amodal = torch.zeros((0, h, w), dtype=torch.bool, device=device)
+            try:
+                if crops is not None:  # scored as evaluate_batch scores a gt-visible batch
+                    amodal = module.image_prediction({k: v.to(device) for k, v in crops.items()})[1][:, 0] > 0.5
+                else:
+                    amodal = torch.zeros((0, h, w), dtype=torch.bool, device=device)
+            except Exception as err:  # this row fails, the others go on
+                print(f"[bench] detect {name}: evaluation failed: {err!r}", file=sys.stderr)
+                fed.remove((name, module, ckpt))
+                unscored.append(MethodResult(name=name, status=f"error: {err!r}", checkpoint=ckpt))
+                continue
             scorers[name].seconds += time.perf_counter() - t0
             for d, keep, a, t in zip(dets, kept, amodal.split(counts), targets):
                 scorers[name].update(d["boxes"][keep], a, d["labels"][keep], d["scores"][keep], t)
