@@ -12,6 +12,8 @@ models/maskrcnn.py; the transform runs at the data's native image size.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import lightning as L
 import torch
 from omegaconf import OmegaConf
@@ -37,7 +39,7 @@ def keep_trainable(target: dict, height: int, width: int) -> dict:
     return out
 
 
-class DetectorStage(L.LightningModule):
+class DetectorStage(L.LightningModule, ABC):
     """Base of the detection stages (visible = step 1, maskrcnn, and the other
     Mask R-CNN-family baselines)."""
 
@@ -55,9 +57,9 @@ class DetectorStage(L.LightningModule):
         self.eval_metrics = nn.ModuleDict({s: nn.ModuleDict(self.eval_metric_factories()) for s in SPLITS})
 
     # -- what a stage defines ---------------------------------------------------------------
+    @abstractmethod
     def train_targets(self, target: dict) -> dict:
         """The torchvision target (boxes, labels, masks, ...) of one image."""
-        raise NotImplementedError
 
     def mask_branch(self):
         """The RoI heads' mask branch (None: Mask R-CNN's conv head on `masks`)."""

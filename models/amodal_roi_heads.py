@@ -11,6 +11,8 @@ ORCNN, BCNet, ...) is then a mask branch and its target mapping, nothing more.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,14 +41,15 @@ def roi_mask_loss(logits: torch.Tensor, proposals: list[torch.Tensor], gt_masks:
     return F.binary_cross_entropy_with_logits(picked, targets)
 
 
-class MaskBranch(nn.Module):
+class MaskBranch(nn.Module, ABC):
     """Pooled RoI features (N,C,14,14) -> {target name: (N,K,28,28) logits}.
     `weights` give each named output's loss weight."""
 
     weights: dict[str, float] = {}
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named mask logits of every RoI."""
 
 
 class ConvMaskBranch(MaskBranch):
