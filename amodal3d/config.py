@@ -190,8 +190,8 @@ def load_config(
     model_schema: type | None = None,
     debug: str | None = None,
 ) -> DictConfig:
-    """Schema -> base.yaml -> stage/<stage>.yaml -> exp/<experiment>.yaml
-    -> debug/<debug>.yaml -> command-line dot-overrides.
+    """Schema -> base.yaml -> stage/<stage>.yaml -> exp/<experiment>.yaml (its shared part,
+    then its `stages.<stage>` section) -> debug/<debug>.yaml -> command-line dot-overrides.
 
     stage=None loads only the shared sections (for `make data`, `validate`, `bench`);
     an experiment file's `model` section is then ignored.
@@ -221,9 +221,14 @@ def load_config(
                 f"experiment {experiment!r} not found at {ef}; available: {', '.join(avail)}"
             )
         exp_cfg = _load_yaml(ef)
+        per_stage = exp_cfg.pop("stages", None)  # stages.<stage>: what only that stage changes here
+        if per_stage is not None and not isinstance(per_stage, DictConfig):
+            raise ConfigError(f"{ef}: 'stages' must map stage names to config sections")
         if stage is None and "model" in exp_cfg:  # stage-less commands (data, bench) have no model
             exp_cfg.pop("model")
         cfg = _merge(cfg, exp_cfg, str(ef))
+        if stage and per_stage is not None and stage in per_stage:
+            cfg = _merge(cfg, per_stage[stage], f"{ef} stages.{stage}")
         cfg.experiment = Path(experiment).stem
     if debug:
         df = EXPERIMENTS_DIR / "debug" / f"{debug}.yaml"

@@ -114,3 +114,20 @@ def test_dict_and_list_overrides_pass_through_make_whole():
     assert out.stdout.strip() == str(ov.split(" "))
     cfg = load_config(None, overrides=ov.split(" "))
     assert dict(cfg.data.objects_per_split)["val"] == 0 and list(cfg.data.categories) == ["chair", "car"]
+
+
+def test_an_experiments_stages_section_changes_only_that_stage(tmp_path: Path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text("optim:\n  lr: 0.5\nstages:\n  visible:\n    trainer:\n      max_epochs: 11\n    optim:\n      lr: 0.25\n")
+    vis = load_config("visible", str(exp))
+    assert vis.trainer.max_epochs == 11 and vis.optim.lr == 0.25  # the stage's section wins over the shared part
+    other = load_config("maskrcnn", str(exp))
+    assert other.optim.lr == 0.5 and other.trainer.max_epochs == load_config("maskrcnn").trainer.max_epochs
+    assert load_config("visible", str(exp), ["optim.lr=1.0"]).optim.lr == 1.0  # the command line still wins
+    assert load_config("visible", "paste").trainer.max_epochs == 7  # the paste detectors' budget
+    exp.write_text("stages:\n  visible:\n    trainer:\n      max_epoch: 3\n")
+    with pytest.raises(ConfigError, match="max_epoch"):
+        load_config("visible", str(exp))
+    exp.write_text("stages: 3\n")
+    with pytest.raises(ConfigError, match="stages"):
+        load_config("visible", str(exp))

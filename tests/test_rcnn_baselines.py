@@ -1,0 +1,86 @@
+"""The Mask R-CNN-family baselines on the shared detector: ORCNN's heads and targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from amodal3d.config import load_config
+from amodal3d.lightning_modules.baselines.orcnn import OrcnnStage
+from amodal3d.models.amodal_roi_heads import roi_mask_loss
+from amodal3d.models.orcnn import OrcnnMaskBranch, invisible_logits
+from fakes import LabelGuard, build_fake_dataset, tiny_overrides
+from test_detection import SMALL
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rcnn")
+    build_fake_dataset(tmp)
+    return tmp
+
+
+def _ov(tmp, *extra):
+    return tiny_overrides(tmp, "data.categories=[chair,car]", *SMALL, *extra)
+
+
+def test_orcnn_invisible_logits_fire_only_where_amodal_is_on_and_visible_off():
+    big = 6.0
+    a = torch.tensor([[big, big], [-big, big]])
+    v = torch.tensor([[big, -big], [-big, -big]])
+    inv = invisible_logits(a, v).sigmoid() > 0.5
+    # amodal on, visible on -> not invisible; amodal on, visible off -> invisible; amodal off -> not
+    assert inv.tolist() == [[False, True], [False, True]]
+    # no parameters of its own: the gradient of the invisible loss reaches both heads
+    branch = OrcnnMaskBranch(8, 8, 1, num_classes=3)
+    out = branch(torch.randn(2, 8, 14, 14))
+    assert set(out) == {"masks", "visible_masks", "invisible_masks"} and out["masks"].shape == (2, 3, 28, 28)
+    out["invisible_masks"].sum().backward()
+    assert branch.amodal.predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+    assert branch.visible.predictor.mask_fcn_logits.weight.grad.abs().sum() > 0
+    assert sum(p.numel() for p in branch.parameters()) == sum(
+        p.numel() for p in (*branch.amodal.parameters(), *branch.visible.parameters()))
+
+
+def test_orcnn_targets_are_amodal_and_not_visible(tiny):
+    stage = OrcnnStage(load_config("orcnn", overrides=_ov(tiny)))
+    amodal = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    amodal[0, 2:6, 2:6] = 1
+    visible = torch.zeros_like(amodal)
+    visible[0, 2:6, 2:4] = 1
+    visible[0, 0, 0] = 1  # a visible pixel outside the amodal mask (annotation noise): not invisible
+    t = stage.train_targets({"amodal_boxes": torch.tensor([[2.0, 2, 6, 6]]), "labels": torch.tensor([1]),
+                             "masks": visible, "eval_amodal_masks": amodal})
+    expected = torch.zeros_like(amodal)
+    expected[0, 2:6, 4:6] = 1
+    assert torch.equal(t["invisible_masks"], expected)
+    assert torch.equal(t["masks"], amodal) and torch.equal(t["visible_masks"], visible)
+    # each output is trained on its own target: a branch that predicts the targets exactly has a lower loss
+    box = [torch.tensor([[0.0, 0, 8, 8]])]
+    for name in ("masks", "visible_masks", "invisible_masks"):
+        good = (t[name].float() * 20 - 10)[None]  # (1,1,8,8) logits of the target itself
+        good = torch.nn.functional.interpolate(good, size=28)
+        args = (box, [t[name]], [torch.tensor([0])], [torch.tensor([0])])
+        assert roi_mask_loss(good, *args) < roi_mask_loss(-good, *args)
+
+
+def test_orcnn_fast_dev_run_and_labels(tiny):
+    from amodal3d.datamodules.images import ImageDataset, collate_detection
+    from amodal3d.train import train_from_args
+
+    summary = train_from_args("orcnn", None, _ov(tiny), None, debug="fdr")
+    assert summary["global_step"] == 1 and math.isfinite(summary["metrics"]["train/loss"])
+    for key in ("val/amodal_mask_ap", "val/detect_miou", "val/detect_miou_occ"):
+        assert key in summary["metrics"], key
+    # trains on amodal and visible masks, boxes and classes; no camera, view or occluder key
+    stage = OrcnnStage(load_config("orcnn", overrides=_ov(tiny)))
+    images, targets = collate_detection([ImageDataset(tiny / "data", "train")[i] for i in range(2)])
+    guarded = [LabelGuard(t, allowed={"eval_amodal_masks"}, hidden={"occluder_masks"}) for t in targets]
+    loss = stage.training_step((images, guarded), 0)
+    assert math.isfinite(float(loss))
+    from amodal3d.lightning_modules.detector import keep_trainable
+
+    tt = [keep_trainable(stage.train_targets(t), *img.shape[-2:]) for img, t in zip(images, guarded)]
+    assert {"loss_masks", "loss_visible_masks", "loss_invisible_masks"} <= set(stage.net(images, tt))
