@@ -29,12 +29,15 @@ def pick_channel(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def roi_mask_loss(logits: torch.Tensor, proposals: list[torch.Tensor], gt_masks: list[torch.Tensor],
-                  labels: list[torch.Tensor], matched: list[torch.Tensor]) -> torch.Tensor:
+                  labels: list[torch.Tensor], matched: list[torch.Tensor], transform=None) -> torch.Tensor:
     """Binary cross-entropy of RoI mask logits against each matched GT mask cropped to
-    its proposal (roi_align, as torchvision's maskrcnn_loss), on the label's channel."""
+    its proposal (roi_align, as torchvision's maskrcnn_loss), on the label's channel.
+    `transform` maps the binarised (N,M,M) RoI targets to the ones trained on (a boundary)."""
     size = logits.shape[-1]
     targets = [project_masks_on_boxes(m, p, i, size) for m, p, i in zip(gt_masks, proposals, matched)]
     targets = torch.cat(targets) if targets else logits.new_zeros((0, size, size))
+    if transform is not None:
+        targets = transform((targets > 0.5).float())
     if targets.numel() == 0:
         return logits.sum() * 0
     picked = pick_channel(logits, torch.cat(labels))[:, 0]
@@ -43,9 +46,11 @@ def roi_mask_loss(logits: torch.Tensor, proposals: list[torch.Tensor], gt_masks:
 
 class MaskBranch(nn.Module, ABC):
     """Pooled RoI features (N,C,14,14) -> {target name: (N,K,28,28) logits}.
-    `weights` give each named output's loss weight."""
+    `weights` give each named output's loss weight; `derived` names outputs trained on a
+    function of another target in the RoI frame: {output: (target key, fn on (N,M,M))}."""
 
     weights: dict[str, float] = {}
+    derived: dict = {}
 
     @abstractmethod
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,10 +110,11 @@ class AmodalRoIHeads(RoIHeads):
         if self.training:
             gt_labels = [t["labels"][m] for t, m in zip(targets, mask_matched)]
             for name, lg in logits.items():
-                missing = [i for i, t in enumerate(targets) if name not in t]
+                key, fn = self.mask_branch.derived.get(name, (name, None))
+                missing = [i for i, t in enumerate(targets) if key not in t]
                 if missing:
-                    raise KeyError(f"mask output {name!r} needs targets[{missing[0]}][{name!r}]")
-                loss = roi_mask_loss(lg, mask_boxes, [t[name] for t in targets], gt_labels, mask_matched)
+                    raise KeyError(f"mask output {name!r} needs targets[{missing[0]}][{key!r}]")
+                loss = roi_mask_loss(lg, mask_boxes, [t[key] for t in targets], gt_labels, mask_matched, fn)
                 losses[f"loss_{name}"] = float(self.mask_branch.weights.get(name, 1.0)) * loss
         else:
             counts = [len(b) for b in mask_boxes]

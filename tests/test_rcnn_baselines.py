@@ -1,4 +1,4 @@
-"""The Mask R-CNN-family baselines on the shared detector: ORCNN's heads and targets."""
+"""The Mask R-CNN-family baselines on the shared detector: ORCNN's and BCNet's heads and targets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from amodal3d.config import load_config
+from amodal3d.lightning_modules.baselines.bcnet import BCNetStage
 from amodal3d.lightning_modules.baselines.orcnn import OrcnnStage
+from amodal3d.models.bcnet import BCNetMaskBranch, NonLocalBlock, mask_boundary
 from amodal3d.models.amodal_roi_heads import roi_mask_loss
 from amodal3d.models.orcnn import OrcnnMaskBranch, invisible_logits
 from fakes import LabelGuard, build_fake_dataset, tiny_overrides
@@ -84,3 +86,49 @@ def test_orcnn_fast_dev_run_and_labels(tiny):
 
     tt = [keep_trainable(stage.train_targets(t), *img.shape[-2:]) for img, t in zip(images, guarded)]
     assert {"loss_masks", "loss_visible_masks", "loss_invisible_masks"} <= set(stage.net(images, tt))
+
+
+def test_bcnet_boundary_of_a_hand_built_square():
+    m = torch.zeros(1, 7, 7)
+    m[0, 2:5, 2:5] = 1
+    b = mask_boundary(m)[0]
+    # dilation (1:6) minus erosion (the single centre pixel 3,3): a ring, 2 px wide
+    expected = torch.zeros(7, 7)
+    expected[1:6, 1:6] = 1
+    expected[3, 3] = 0
+    assert torch.equal(b, expected)
+
+
+def test_bcnet_branch_starts_its_non_local_blocks_as_identity_and_trains_the_occluder_layer():
+    from torch import nn
+
+    norm = lambda c: nn.GroupNorm(4, c)  # noqa: E731
+    block = NonLocalBlock(8, norm)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(block(x), x)
+    branch = BCNetMaskBranch(8, norm)
+    out = branch(torch.randn(3, 8, 14, 14))
+    assert set(out) == set(branch.weights) and all(v.shape == (3, 1, 28, 28) for v in out.values())
+    assert branch.derived["boundary_masks"][0] == "masks" and branch.derived["occluder_boundary_masks"][0] == "occluder_masks"
+    # the occludee mask depends on the occluder layer (x + x_bo): its loss reaches that layer
+    out["masks"].sum().backward()
+    assert branch.occluder.body[0][0].weight.grad.abs().sum() > 0
+
+
+def test_bcnet_fast_dev_run_trains_four_outputs_on_amodal_and_occluder_targets(tiny):
+    from amodal3d.datamodules.images import ImageDataset, collate_detection
+    from amodal3d.lightning_modules.detector import keep_trainable
+    from amodal3d.train import train_from_args
+
+    summary = train_from_args("bcnet", None, _ov(tiny), None, debug="fdr")
+    assert summary["global_step"] == 1 and math.isfinite(summary["metrics"]["train/loss"])
+    assert "val/amodal_mask_ap" in summary["metrics"] and "val/detect_miou" in summary["metrics"]
+    stage = BCNetStage(load_config("bcnet", overrides=_ov(tiny)))
+    images, targets = collate_detection([ImageDataset(tiny / "data", "train")[i] for i in range(2)])
+    guarded = [LabelGuard(t, allowed={"eval_amodal_masks"}, hidden={"masks"}) for t in targets]  # no visible mask
+    tt = [keep_trainable(stage.train_targets(t), *img.shape[-2:]) for img, t in zip(images, guarded)]
+    assert torch.equal(tt[0]["occluder_masks"], targets[0]["occluder_masks"])
+    losses = stage.net(images, tt)
+    assert {"loss_masks", "loss_boundary_masks", "loss_occluder_masks", "loss_occluder_boundary_masks"} <= set(losses)
+    with pytest.raises(ValueError, match="mask_channels"):
+        BCNetStage(load_config("bcnet", overrides=_ov(tiny, "model.mask_channels=8")))

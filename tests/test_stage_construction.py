@@ -24,6 +24,7 @@ MODEL = {
     "visible": ["model.fpn_channels=16", "model.mask_channels=16"],
     "maskrcnn": ["model.fpn_channels=16", "model.mask_channels=16"],
     "orcnn": ["model.fpn_channels=16", "model.mask_channels=16"],
+    "bcnet": ["model.fpn_channels=16", "model.mask_channels=16"],
 }
 CONSUMES = {"viewpoint": ["recon"], "render": ["recon", "viewpoint"], "refine": ["recon", "viewpoint", "render"],
             "joint": ["recon", "viewpoint", "render", "refine"]}
@@ -44,7 +45,8 @@ def test_every_stage_builds_from_explicit_checkpoints_without_runs(tmp_path):
     ckpts: dict[str, str] = {}
     built = {}
     torch.manual_seed(0)
-    for stage in ("recon", "viewpoint", "render", "refine", "refine_2d", "joint", "pcnet_m", "visible", "maskrcnn", "orcnn"):
+    for stage in ("recon", "viewpoint", "render", "refine", "refine_2d", "joint", "pcnet_m", "visible", "maskrcnn", "orcnn",
+                  "bcnet"):
         ov = data_ov(tmp_path) + [f"run.root={nowhere}", *MODEL[stage]]
         ov += [f"run.checkpoints.{dep}={ckpts[dep]}" for dep in CONSUMES.get(stage, [])]
         module = get_stage(stage).module(load_config(stage, overrides=ov))
