@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from amodal3d.config import load_config
+from amodal3d.config import ConfigError, load_config
 from amodal3d.lightning_modules.baselines.bcnet import BCNetStage
 from amodal3d.lightning_modules.baselines.orcnn import OrcnnStage
 from amodal3d.models.bcnet import BCNetMaskBranch, NonLocalBlock, mask_boundary
@@ -130,5 +130,5 @@ def test_bcnet_fast_dev_run_trains_four_outputs_on_amodal_and_occluder_targets(t
     assert torch.equal(tt[0]["occluder_masks"], targets[0]["occluder_masks"])
     losses = stage.net(images, tt)
     assert {"loss_masks", "loss_boundary_masks", "loss_occluder_masks", "loss_occluder_boundary_masks"} <= set(losses)
-    with pytest.raises(ValueError, match="mask_channels"):
+    with pytest.raises(ConfigError, match="mask_channels"):
         BCNetStage(load_config("bcnet", overrides=_ov(tiny, "model.mask_channels=8")))

@@ -11,6 +11,7 @@ validation amodal-mask AP.
 
 from __future__ import annotations
 
+from amodal3d.config import ConfigError
 from amodal3d.lightning_modules.baselines.maskrcnn import MaskRCNNStage
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.models.bcnet import BCNetMaskBranch
@@ -25,7 +26,7 @@ class BCNetStage(MaskRCNNStage):
     def mask_branch(self):
         m = self.m
         if int(m.mask_channels) != int(m.fpn_channels):
-            raise ValueError(f"bcnet: model.mask_channels={m.mask_channels} must equal model.fpn_channels="
+            raise ConfigError(f"bcnet: model.mask_channels={m.mask_channels} must equal model.fpn_channels="
                              f"{m.fpn_channels} (the occludee layer adds the occluder layer's output to the RoI features)")
         return BCNetMaskBranch(int(m.fpn_channels), norm_layer=group_norm(int(m.group_norm_groups)))
 
