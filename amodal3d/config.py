@@ -224,6 +224,12 @@ def load_config(
         per_stage = exp_cfg.pop("stages", None)  # stages.<stage>: what only that stage changes here
         if per_stage is not None and not isinstance(per_stage, DictConfig):
             raise ConfigError(f"{ef}: 'stages' must map stage names to config sections")
+        if per_stage is not None:
+            from amodal3d.lightning_modules.registry import available_stages
+
+            unknown = sorted(set(map(str, per_stage)) - set(available_stages()))
+            if unknown:
+                raise ConfigError(f"{ef}: stages.{unknown[0]} is not a stage; stages: {', '.join(available_stages())}")
         if stage is None and "model" in exp_cfg:  # stage-less commands (data, bench) have no model
             exp_cfg.pop("model")
         cfg = _merge(cfg, exp_cfg, str(ef))

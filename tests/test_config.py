@@ -128,6 +128,9 @@ def test_an_experiments_stages_section_changes_only_that_stage(tmp_path: Path):
     exp.write_text("stages:\n  visible:\n    trainer:\n      max_epoch: 3\n")
     with pytest.raises(ConfigError, match="max_epoch"):
         load_config("visible", str(exp))
+    exp.write_text("stages:\n  visibel:\n    trainer:\n      max_epochs: 3\n")
+    with pytest.raises(ConfigError, match="stages.visibel is not a stage"):
+        load_config("maskrcnn", str(exp))
     exp.write_text("stages: 3\n")
     with pytest.raises(ConfigError, match="stages"):
         load_config("visible", str(exp))
