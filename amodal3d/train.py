@@ -6,6 +6,7 @@ run folder, logger, callbacks and resume logic around it.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from amodal3d.config import ConfigError, load_config, save_config
 from amodal3d.dependencies import check_checkpoint_stage, keep_recorded_checkpoints, resolve_checkpoints
 from amodal3d.atomic import write_json_atomic
-from amodal3d.runs import SUMMARY, new_run_id, resume_checkpoint, run_dir
+from amodal3d.runs import SUMMARY, is_finished, new_run_id, resume_checkpoint, run_dir
 from amodal3d.lightning_modules.registry import StageSpec, get_stage
 
 
@@ -166,17 +167,21 @@ def shared_run_id(cfg: DictConfig) -> str:
     return run_id
 
 
-def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
+def prepare_run(cfg: DictConfig, spec: StageSpec | None = None) -> tuple[Path, str | None]:
     """Pick the run folder and the checkpoint to resume from.
 
-    RESUME=<id> continues runs/<exp>/<stage>/<id>/checkpoints/last.ckpt. Under
-    SLURM a requeued job gets the same run id ($SLURM_JOB_ID) and ckpt_path stays
+    RESUME=<id> continues runs/<exp>/<stage>/<id>/checkpoints/last.ckpt (a stage with
+    phases continues the folder: its first unfinished phase from that phase's last.ckpt).
+    Under SLURM a requeued job gets the same run id ($SLURM_JOB_ID) and ckpt_path stays
     None, so Lightning restores its own HPC checkpoint from the run folder.
     """
     root = cfg.run.root
     if cfg.run.resume:
+        folder = run_dir(root, cfg.experiment, cfg.stage, cfg.run.resume)
+        if spec is not None and spec.phases and folder.is_dir():
+            return folder, None
         last = resume_checkpoint(root, cfg.experiment, cfg.stage, cfg.run.resume)
-        return run_dir(root, cfg.experiment, cfg.stage, cfg.run.resume), str(last)
+        return folder, str(last)
     run_id = cfg.run.run_id or shared_run_id(cfg)
     out = run_dir(root, cfg.experiment, cfg.stage, run_id)
     cfg.run.run_id = run_id
@@ -184,10 +189,10 @@ def prepare_run(cfg: DictConfig) -> tuple[Path, str | None]:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train one stage as configured; returns the run summary."""
+    """Train one stage as configured (every phase of a stage with phases); returns the run summary."""
     spec = get_stage(cfg.stage)
     given = {str(k): str(v) for k, v in cfg.run.checkpoints.items() if v}  # run.checkpoints.<stage>=<path>
-    out, ckpt_path = prepare_run(cfg)
+    out, ckpt_path = prepare_run(cfg, spec)
     keep_recorded_checkpoints(cfg, out)  # resume / requeue: the inputs it started with
     resolve_checkpoints(cfg, spec)
     for stage, path in given.items():
@@ -196,23 +201,56 @@ def train(cfg: DictConfig) -> dict:
     from amodal3d.datamodules.build import ensure_dataset
 
     ensure_dataset(cfg.data)
+    try:
+        if spec.phases:
+            return _train_phases(cfg, spec, out)
+        return _fit(cfg, spec, out, ckpt_path)
+    finally:  # the next run of this process picks a new id
+        os.environ.pop(RUN_ID_ENV, None)
+
+
+def _train_phases(cfg: DictConfig, spec: StageSpec, out: Path) -> dict:
+    """Each phase in order (StageSpec.phases): a finished one (summary.json) is skipped, an
+    interrupted fit resumes from its last.ckpt; the last phase is the run folder itself."""
+    summary: dict = {}
+    for i, phase in enumerate(spec.phases):
+        final = i == len(spec.phases) - 1
+        folder = out if final else out / "phases" / phase.name
+        if not final and is_finished(folder):
+            print(f"[run] {spec.name}: phase {phase.name} finished earlier ({folder}); skipped", flush=True)
+            continue
+        pcfg = phase.configure(copy.deepcopy(cfg), out)
+        L.seed_everything(int(cfg.seed) + i, workers=True, verbose=False)
+        if phase.run is not None:
+            print(f"[run] {spec.name}: phase {phase.name}: {folder}", flush=True)
+            t0 = time.time()
+            summary = phase.run(pcfg, folder)
+            print(f"[run] {spec.name}: phase {phase.name} done in {time.time() - t0:.0f} s", flush=True)
+            continue
+        last = folder / "checkpoints" / "last.ckpt"
+        summary = _fit(pcfg, spec, folder, str(last) if last.is_file() else None, phase=phase.name,
+                       hand_off=not final)
+    return summary
+
+
+def _fit(cfg: DictConfig, spec: StageSpec, out: Path, ckpt_path: str | None, phase: str | None = None,
+         hand_off: bool = False) -> dict:
+    """One Trainer.fit of the stage in the run folder `out`; writes and returns its summary.
+    `hand_off`: a phase whose weights a later phase reads; under fast_dev_run (which writes
+    no checkpoints) they are saved as its best.ckpt all the same."""
     dm = build_datamodule(cfg, spec)
     module = spec.module(cfg)
     trainer = make_trainer(cfg, out)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        print(f"[run] {spec.name}: {out}", flush=True)
+        print(f"[run] {spec.name}{f' (phase {phase})' if phase else ''}: {out}", flush=True)
     t0 = time.time()
-    try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    finally:
-        if trainer.is_global_zero:  # the next run of this process picks a new id
-            os.environ.pop(RUN_ID_ENV, None)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     summary = {
         "stage": spec.name,
         "experiment": cfg.experiment,
-        "run_id": out.name,
+        "run_id": cfg.run.run_id or out.name,
         "run_dir": str(out),
         "train_seconds": time.time() - t0,
         "global_step": trainer.global_step,
@@ -223,6 +261,10 @@ def train(cfg: DictConfig) -> dict:
         "device": str(module.device),
         "world_size": trainer.world_size,
     }
+    if phase:
+        summary["phase"] = phase
+    if hand_off and cfg.trainer.fast_dev_run:
+        trainer.save_checkpoint(out / "checkpoints" / "best.ckpt")
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         write_json_atomic(out / SUMMARY, summary)
     return summary

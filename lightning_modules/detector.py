@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torchvision.models.detection.transform import resize_boxes
 
 from amodal3d.categories import CATEGORIES
 from amodal3d.lightning_modules.common import SPLITS, as_config, build_optimizer, with_schema_defaults
@@ -72,6 +73,10 @@ class DetectorStage(L.LightningModule, ABC):
     def update_eval(self, outputs: list[dict], targets: list[dict], metrics: nn.ModuleDict) -> None:
         """Update the split's metrics with one batch of detections."""
 
+    def extra_losses(self, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Losses beyond the detector's own, on the batch's training targets (default none)."""
+        return {}
+
     # -- the network --------------------------------------------------------------------------
     def forward(self, images: list[torch.Tensor]) -> list[dict]:
         """Detections per image: boxes (P,4) xyxy, labels (P,) category + 1, scores (P,) and
@@ -88,10 +93,29 @@ class DetectorStage(L.LightningModule, ABC):
         finally:
             self.net.train(was)
 
+    def masks_at_boxes(self, images: list[torch.Tensor], boxes: list[torch.Tensor],
+                       labels: list[torch.Tensor]) -> list[dict]:
+        """The mask outputs (n,1,H,W) pasted into each image for given boxes (image frame, xyxy)
+        and labels (category + 1): the RoI heads fed the GT amodal boxes of the gt-box protocol."""
+        net = self.net
+        was = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                sizes = [tuple(im.shape[-2:]) for im in images]
+                batch, _ = net.transform(images)
+                scaled = [resize_boxes(b.float(), s, t) for b, s, t in zip(boxes, sizes, batch.image_sizes)]
+                features = net.backbone(batch.tensors)
+                result = net.roi_heads.masks_at_boxes(features, scaled, labels, batch.image_sizes)
+                return net.transform.postprocess(result, batch.image_sizes, sizes)
+        finally:
+            net.train(was)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
         tt = [keep_trainable(self.train_targets(t), *img.shape[-2:]) for img, t in zip(images, targets)]
         losses = self.net(images, tt)
+        losses.update(self.extra_losses(tt))
         loss = sum(losses.values())
         n = len(images)
         for k, v in losses.items():

@@ -18,6 +18,21 @@ _NOT_STAGES = {"registry", "common", "checkpoints", "detector"}
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One phase of a stage trained in several (VRSP: prior, codebook, final).
+
+    configure(cfg, run_folder) -> the phase's config (it gets a copy to edit);
+    run(cfg, folder) -> summary dict: a phase without a Trainer (it writes
+    folder/summary.json when done); without `run` the phase is a Lightning fit. Every
+    phase but the last lives in run_folder/phases/<name>/; the last is the run itself.
+    """
+
+    name: str
+    configure: Callable
+    run: Callable | None = None
+
+
+@dataclass(frozen=True)
 class StageSpec:
     """What the runner needs to know about a stage.
 
@@ -32,6 +47,7 @@ class StageSpec:
     method: the row name in the results table (None: not a benchmarked method).
     table_order: where its row goes in the results table (baselines first, then the
         pipeline in order; the bench's Ours rows come last).
+    phases: a stage trained in several phases by one `make train` (see Phase).
     """
 
     name: str
@@ -43,6 +59,7 @@ class StageSpec:
     method: str | None = None
     table_order: int = 100
     help: str = ""
+    phases: tuple[Phase, ...] = ()
     extra: dict = field(default_factory=dict)
 
 

@@ -44,13 +44,21 @@ def roi_mask_loss(logits: torch.Tensor, proposals: list[torch.Tensor], gt_masks:
     return F.binary_cross_entropy_with_logits(picked, targets)
 
 
+#: a mask branch output that is not a mask: (N,) factors multiplying the detections' scores
+SCORE_FACTORS = "score_factors"
+
+
 class MaskBranch(nn.Module, ABC):
     """Pooled RoI features (N,C,14,14) -> {target name: (N,K,28,28) logits}.
     `weights` give each named output's loss weight; `derived` names outputs trained on a
-    function of another target in the RoI frame: {output: (target key, fn on (N,M,M))}."""
+    function of another target in the RoI frame: {output: (target key, fn on (N,M,M)) or
+    (target key, None)}. A branch with `uses_labels` also gets each RoI's label (N,) (the
+    matched GT class in training, the predicted one at inference); at inference it may
+    return SCORE_FACTORS, which rescale the detections' scores."""
 
     weights: dict[str, float] = {}
     derived: dict = {}
+    uses_labels: bool = False
 
     @abstractmethod
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -106,9 +114,15 @@ class AmodalRoIHeads(RoIHeads):
         if not self.has_mask():
             return result, losses
 
-        logits = self.mask_branch(self.mask_roi_pool(features, mask_boxes, image_shapes))
+        pooled = self.mask_roi_pool(features, mask_boxes, image_shapes)
         if self.training:
             gt_labels = [t["labels"][m] for t, m in zip(targets, mask_matched)]
+            roi_labels = torch.cat(gt_labels)
+        else:
+            roi_labels = torch.cat([r["labels"] for r in result])
+        logits = (self.mask_branch(pooled, roi_labels) if self.mask_branch.uses_labels
+                  else self.mask_branch(pooled))
+        if self.training:
             for name, lg in logits.items():
                 key, fn = self.mask_branch.derived.get(name, (name, None))
                 missing = [i for i, t in enumerate(targets) if key not in t]
@@ -118,9 +132,29 @@ class AmodalRoIHeads(RoIHeads):
                 losses[f"loss_{name}"] = float(self.mask_branch.weights.get(name, 1.0)) * loss
         else:
             counts = [len(b) for b in mask_boxes]
-            flat_labels = torch.cat([r["labels"] for r in result])
+            factors = logits.pop(SCORE_FACTORS, None)
+            if factors is not None:
+                for r, f in zip(result, factors.split(counts)):
+                    r["scores"] = r["scores"] * f.to(r["scores"].dtype)
             for name, lg in logits.items():
-                prob = pick_channel(lg, flat_labels).sigmoid()
+                prob = pick_channel(lg, roi_labels).sigmoid()
                 for r, p in zip(result, prob.split(counts)):
                     r[name] = p
         return result, losses
+
+    def masks_at_boxes(self, features, boxes: list[torch.Tensor], labels: list[torch.Tensor],
+                       image_shapes) -> list[dict[str, torch.Tensor]]:
+        """The mask branch on given boxes (the gt-box protocol: GT amodal boxes and classes in
+        place of detections), no box branch: per image {boxes, labels, scores = 1, each mask
+        output (n,1,M,M) probabilities} in the transformed frame, unpasted."""
+        result = [{"boxes": b, "labels": lab, "scores": torch.ones(len(b), device=b.device)}
+                  for b, lab in zip(boxes, labels)]
+        flat = torch.cat(labels)
+        pooled = self.mask_roi_pool(features, boxes, image_shapes)
+        logits = self.mask_branch(pooled, flat) if self.mask_branch.uses_labels else self.mask_branch(pooled)
+        logits.pop(SCORE_FACTORS, None)  # every given box is kept: no rescoring
+        counts = [len(b) for b in boxes]
+        for name, lg in logits.items():
+            for r, p in zip(result, pick_channel(lg, flat).sigmoid().split(counts)):
+                r[name] = p
+        return result

@@ -25,6 +25,7 @@ MODEL = {
     "maskrcnn": ["model.fpn_channels=16", "model.mask_channels=16"],
     "orcnn": ["model.fpn_channels=16", "model.mask_channels=16"],
     "bcnet": ["model.fpn_channels=16", "model.mask_channels=16"],
+    "vrsp": ["model.fpn_channels=16", "model.mask_channels=16"],
 }
 CONSUMES = {"viewpoint": ["recon"], "render": ["recon", "viewpoint"], "refine": ["recon", "viewpoint", "render"],
             "joint": ["recon", "viewpoint", "render", "refine"]}
@@ -46,7 +47,7 @@ def test_every_stage_builds_from_explicit_checkpoints_without_runs(tmp_path):
     built = {}
     torch.manual_seed(0)
     for stage in ("recon", "viewpoint", "render", "refine", "refine_2d", "joint", "pcnet_m", "visible", "maskrcnn", "orcnn",
-                  "bcnet"):
+                  "bcnet", "vrsp"):
         ov = data_ov(tmp_path) + [f"run.root={nowhere}", *MODEL[stage]]
         ov += [f"run.checkpoints.{dep}={ckpts[dep]}" for dep in CONSUMES.get(stage, [])]
         module = get_stage(stage).module(load_config(stage, overrides=ov))

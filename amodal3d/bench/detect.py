@@ -50,6 +50,8 @@ class DetectReport:
     scored: list
     unscored: list
     step1: dict = field(default_factory=dict)
+    images: int = 0  # test images scored
+    step1_seconds: float = 0.0  # step 1's detection time over them (the fed rows' shared first step)
 
 
 @dataclass
@@ -182,9 +184,11 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
 
         step1_metrics = {"visible_mask": ap_metric("masks").to(device), "amodal_box": ap_metric("boxes").to(device)}
     lc = cfg.loader
+    n_images, step1_seconds = 0, 0.0
     for b, (images, targets) in enumerate(detect_loader(cfg)):
         if max_batches is not None and b >= max_batches:
             break
+        n_images += len(images)
         images = [im.to(device) for im in images]
         targets = [_to(t, device) for t in targets]
         for name, module, _ in detectors:
@@ -195,7 +199,9 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
                 scorers[name].update(o["boxes"], o["masks"][:, 0] > 0.5, o["labels"], o["scores"], t)
         if step1 is None:
             continue
+        t0 = time.perf_counter()
         dets = step1.detect(images)
+        step1_seconds += time.perf_counter() - t0
         step1.update_eval(dets, targets, step1_metrics)  # its own test AP, as its validation reports it
         crops, kept = step1_crops(images, dets, int(lc.crop_size), float(lc.visible_crop_margin))
         h, w = images[0].shape[-2:]
@@ -224,22 +230,31 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         print(f"[bench] detect {name}: mIoU {100 * results[-1].row.miou:.1f} AP {100 * results[-1].ap['AP']:.1f}",
               file=sys.stderr, flush=True)
     step1_ap = {f"{name}_{k}": float(v) for name, m in step1_metrics.items() for k, v in m.compute().items()}
-    return DetectReport(results, unscored, step1_ap)
+    return DetectReport(results, unscored, step1_ap, n_images, step1_seconds)
 
 
 def ap_markdown(report: DetectReport) -> str:
-    """COCO amodal mask AP / AP50 / AP75 (%) of every scored row, then step 1's own APs."""
+    """COCO amodal mask AP / AP50 / AP75 (%) and throughput of every scored row, then step 1's
+    own APs. images/s: a detector's whole forward; a fed row's own inference on step 1's
+    detections (step 1's time is given once, below)."""
     from amodal3d.bench.table import pct
 
     nan = float("nan")
-    lines = ["## COCO amodal mask AP, detect (test split)", "", "| method | AP | AP50 | AP75 |", "|---|---|---|---|"]
+
+    def rate(seconds: float) -> str:
+        return f"{report.images / seconds:.1f}" if report.images and seconds > 0 else "—"
+
+    lines = ["## COCO amodal mask AP, detect (test split)", "", "| method | AP | AP50 | AP75 | images/s |",
+             "|---|---|---|---|---|"]
     for r in report.scored:
         lines.append(f"| {r.row.name} | {pct(r.ap.get('AP', nan))} | {pct(r.ap.get('AP50', nan))} "
-                     f"| {pct(r.ap.get('AP75', nan))} |")
+                     f"| {pct(r.ap.get('AP75', nan))} | {rate(r.row.seconds)} |")
     if report.step1:
         lines += ["", "## Step 1 (`visible` stage) on the test split", "", "| what | AP | AP50 | AP75 |",
                   "|---|---|---|---|"]
         for name, label in (("visible_mask", "visible-mask AP"), ("amodal_box", "amodal-box AP")):
             lines.append(f"| {label} | " + " | ".join(pct(report.step1.get(f"{name}_{k}", nan))
                                                       for k in ("AP", "AP50", "AP75")) + " |")
+        lines += ["", f"Step 1 detects {rate(report.step1_seconds)} images/s ({report.images} test images, "
+                      "batch of the loader); a fed row's end-to-end rate adds it."]
     return "\n".join(lines)

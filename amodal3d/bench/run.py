@@ -139,8 +139,16 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
             extra = list(DETECT_NOTES)
             appendix = ap_markdown(report)
         else:
-            results = evaluate_all(pcfg, _entries(args, pcfg), device, args.limit_batches)
+            entries = _entries(args, pcfg)
+            results = evaluate_all(pcfg, entries, device, args.limit_batches)
             extra = [crop_coverage_note(pcfg)]
+            if protocol == "gt-box":  # the Mask R-CNN family: GT amodal boxes into its RoI heads
+                from amodal3d.bench.gt_box_detectors import GT_BOX_NOTE, gt_box_detector_rows
+
+                fed = gt_box_detector_rows(pcfg, entries, device, args.limit_batches)
+                results = [r for r in results if r.name not in fed] + [r for r in fed.values() if r.ok] + \
+                    [r for r in fed.values() if not r.ok]
+                extra.append(GT_BOX_NOTE)
         md = results_markdown(results, pmeta, extra, appendix)
         paths = write_results(out, results, pmeta, extra, appendix)
         print(md, flush=True)

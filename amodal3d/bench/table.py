@@ -21,7 +21,7 @@ from amodal3d.categories import CATEGORIES, DISPLAY_NAMES
 MISSING = "—"
 NOT_TRAINED = "not trained"
 #: a Mask R-CNN-family row under a protocol that hands out no box to feed its RoI heads with
-NEEDS_DETECT = "a detector: scored under the detect protocol"
+NEEDS_DETECT = "a detector: needs a box; scored under gt-box (fed the GT amodal boxes) and detect"
 
 
 @dataclass
