@@ -31,6 +31,7 @@ class DataConfig:
     root: str = "data/synth13-erase"
     source: str = "synth13"  # synth13 | nmr | shapenet
     source_path: str = ""  # folder of the nmr npz files or the ShapeNetCore tree
+    split_file: str = ""  # shapenet: ShapeNet's official split CSV instead of the id hash (docs/data.md)
     categories: list[str] = field(default_factory=lambda: ["all"])
     objects_per_split: dict[str, int] = field(
         default_factory=lambda: {"train": 40, "val": 6, "test": 8}
@@ -290,8 +291,9 @@ def check_values(cfg: DictConfig) -> None:
         if value is not None and int(value) < 1:
             raise ConfigError(f"{dotted}={value}: must be at least 1")
     for split, n in (OmegaConf.select(cfg, "data.objects_per_split") or {}).items():
-        if int(n) < 0:
-            raise ConfigError(f"data.objects_per_split.{split}={n}: must be >= 0 (0: the split is not built)")
+        if int(n) < -1:
+            raise ConfigError(f"data.objects_per_split.{split}={n}: must be -1 (every model of a real source), "
+                              "0 (the split is not built) or a positive count")
 
 
 def dataclass_keys(dc: type) -> list[str]:

@@ -35,7 +35,7 @@ from amodal3d.categories import CATEGORIES, category_index, resolve_categories
 from amodal3d.datamodules.composites import GENERATOR_VERSION, CompositeParams, ObjectPool, erase, paste
 from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION, DatasetError, read_manifest, sha256_file
 from amodal3d.datamodules.shard_writer import write_shard
-from amodal3d.datamodules.sources.base import SPLITS, ObjectRenders
+from amodal3d.datamodules.sources.base import ALL_OBJECTS, SPLITS, ObjectRenders
 from amodal3d.errors import ConfigError
 
 LoadObjects = Callable[[Any, str, str], ObjectRenders]
@@ -72,6 +72,8 @@ def generator_config(data_cfg: Any) -> dict:
     """
     cfg = data_config_dict(data_cfg)
     gen = {k: v for k, v in cfg.items() if k != "root"}
+    if not gen.get("split_file"):  # no split file: the id hash, as datasets built before the key existed
+        gen.pop("split_file", None)
     gen["categories"] = resolve_categories(cfg.get("categories"))
     gen["objects_per_split"] = {k: int(v) for k, v in dict(cfg["objects_per_split"]).items()}
     if cfg["composite"] == "erase":
@@ -100,11 +102,22 @@ def _params(cfg: dict) -> CompositeParams:
 
 
 def _splits(cfg: dict) -> list[str]:
+    """The splits to build. data.objects_per_split.<split>: a positive n builds it from at most n
+    objects (synth13: exactly n), -1 (ALL_OBJECTS) from every object of a real source (nmr,
+    shapenet), 0 (or no entry) leaves it out."""
     per = dict(cfg["objects_per_split"])
     unknown = sorted(set(per) - set(SPLITS))
     if unknown:
         raise ConfigError(f"data.objects_per_split: unknown split(s) {unknown}; expected {', '.join(SPLITS)}")
-    out = [s for s in SPLITS if int(per.get(s, 0)) > 0]
+    for s, n in per.items():
+        key = f"data.objects_per_split.{s}"
+        if int(n) < ALL_OBJECTS:
+            raise ConfigError(f"{key}={n}: expected {ALL_OBJECTS} (every model of data.source=nmr|shapenet), "
+                              "0 (the split is not built) or a positive count")
+        if int(n) == ALL_OBJECTS and cfg.get("source") == "synth13":
+            raise ConfigError(f"{key}={ALL_OBJECTS} (every model) needs a real source (data.source=nmr|shapenet); "
+                              "synth13 generates its objects: give a positive count")
+    out = [s for s in SPLITS if int(per.get(s, 0)) > 0 or int(per.get(s, 0)) == ALL_OBJECTS]
     if cfg["composite"] == "paste":
         out = [s for s in out if int(dict(cfg["paste_images_per_split"]).get(s, 0)) > 0]
     if not out:
@@ -128,13 +141,23 @@ class _Progress:
     """tqdm on a terminal, plain periodic lines otherwise; on stdout, so that stderr holds
     only what went wrong (the CLI's one `error:` line)."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, expected: dict | None = None) -> None:
         self.enabled, self.total, self.done, self.t0 = enabled, total, 0, time.time()
+        self.expected = dict(expected or {})  # unit key -> images counted in `total` before its objects were read
         self.bar = None
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, unit="img", desc="data", dynamic_ncols=True, file=sys.stdout)
+
+    def settle(self, key: Any, images: int) -> None:
+        """The unit `key` turned out to hold `images` images (its objects are read): correct the total."""
+        delta = int(images) - int(self.expected.pop(key, images))
+        if delta:
+            self.total += delta
+            if self.bar is not None:
+                self.bar.total = self.total
+                self.bar.refresh()
 
     def update(self, n: int) -> None:
         self.done += n
@@ -192,7 +215,10 @@ def _write_unit(root: Path, shard: str, composites: list, attrs: dict, extra: di
 
 
 def _objects_info(objs: ObjectRenders, offset: int) -> dict:
-    return {"offset": offset, "count": objs.num_objects, "views": objs.num_views, "ids": list(objs.object_ids)}
+    info = {"offset": offset, "count": objs.num_objects, "views": objs.num_views, "ids": list(objs.object_ids)}
+    if objs.skipped:  # only then: a source that skips nothing (synth13) keeps its manifest as it was
+        info["skipped"] = objs.skipped_records()
+    return info
 
 
 def _erase_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tuple[list[dict], dict, dict]:
@@ -213,6 +239,7 @@ def _erase_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
                 raise ValueError(f"load_objects({cat!r}, {split!r}) returned {objs.category}/{objs.split}")
             info = _objects_info(objs, offset)
             n, v = objs.num_objects, objs.num_views
+            prog.settle((split, cat), n * v)
             n_chunks = max(1, math.ceil(n * v / size))
             dones = dones if dones is not None and len(dones) == n_chunks else [None] * n_chunks
             for k in range(n_chunks):
@@ -241,6 +268,7 @@ def _erase_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
                 prog.log(f"{shard}: {len(comps)} images, skipped {sum(skip.values())} in {time.time() - t0:.1f}s")
             del objs
         else:
+            prog.settle((split, cat), int(info["count"]) * int(info["views"]))
             prog.update(int(info["count"]) * int(info["views"]))
             prog.log(f"{split}/{cat}: {n_chunks} shard(s) already built")
         if info["offset"] != offset:
@@ -337,6 +365,21 @@ def _claim_folder(root: Path, gen: dict) -> None:
     write_json_atomic(p, gen, indent=1, durable=True)
 
 
+def _expected_objects(data_cfg: Any, gen: dict, splits: list[str], load_objects: LoadObjects | None) -> dict:
+    """(split, category) -> objects the progress total counts before anything is loaded.
+
+    With the sources' own loader, the models each source finds (capped; see
+    sources.base.count_objects; synth13: its count). With another loader, the cap
+    (0 for -1: unknown until loaded). A unit's figure is corrected when its
+    objects are read (models skipped then drop out of the total).
+    """
+    if load_objects is None:
+        from amodal3d.datamodules.sources.base import count_objects
+
+        return {(s, c): count_objects(data_cfg, c, s) for s in splits for c in gen["categories"]}
+    return {(s, c): max(0, gen["objects_per_split"][s]) for s in splits for c in gen["categories"]}
+
+
 def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObjects | None = None) -> dict:
     """Build (or finish building) the dataset of `data_cfg` under data.root.
 
@@ -352,11 +395,14 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
     if manifest is not None:
         return manifest
     root.mkdir(parents=True, exist_ok=True)
+    expected = {}
     if cfg["composite"] == "erase":
-        total = len(gen["categories"]) * int(cfg["views"]) * sum(gen["objects_per_split"][s] for s in splits)
+        views = int(cfg["views"])
+        expected = {(s, c): views * n for (s, c), n in _expected_objects(data_cfg, gen, splits, load_objects).items()}
+        total = sum(expected.values())
     else:
         total = sum(gen["paste_images_per_split"][s] for s in splits)
-    prog = _Progress(total, progress)
+    prog = _Progress(total, progress, expected)
     try:
         with _locked(root, prog):
             manifest = _existing(root, gen)  # another builder may have finished meanwhile

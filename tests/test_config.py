@@ -134,3 +134,18 @@ def test_an_experiments_stages_section_changes_only_that_stage(tmp_path: Path):
     exp.write_text("stages: 3\n")
     with pytest.raises(ConfigError, match="stages"):
         load_config("visible", str(exp))
+
+
+def test_real_source_experiments_import_every_model_and_the_split_file_is_a_config_key():
+    """-1 (every model) passes the command-line check; EXP=nmr / EXP=shapenet set it for each
+    split; data.split_file is a schema key, left out of the dataset hash while empty."""
+    from amodal3d.datamodules.build import generator_config
+
+    for exp in ("nmr", "shapenet"):
+        cfg = load_config(None, exp, ["data.split_file=split.csv"])
+        assert dict(cfg.data.objects_per_split) == {"train": -1, "val": -1, "test": -1}
+        assert cfg.data.source == exp and cfg.data.split_file == "split.csv"
+        assert generator_config(cfg.data)["split_file"] == "split.csv"
+    assert "split_file" not in generator_config(load_config(None).data)
+    with pytest.raises(ConfigError, match="objects_per_split.train=-2"):
+        load_config(None, overrides=["data.objects_per_split.train=-2"])
