@@ -143,6 +143,7 @@ class VrspMaskBranch(MaskBranch):
         self.neighbours = int(neighbours)
         self.alpha = float(rescore_alpha)
         self.use_prior = bool(use_prior)
+        self.rescore = True  # the codebook rescoring at inference (off: for the ablation of bench/vrsp_ablation.py)
         # the prior fusion exists only in the phase that uses it (no unused parameters under DDP)
         self.fuse = nn.Conv2d(in_channels + self.neighbours, in_channels, 3, padding=1) if use_prior else None
         self.weights = {"coarse_masks": 1.0, "coarse_visible_masks": 1.0, "visible_masks": 1.0, "masks": 1.0}
@@ -180,7 +181,7 @@ class VrspMaskBranch(MaskBranch):
             x = self.fuse(torch.cat([x, prior.to(x.dtype)], 1))
         a1 = self.amodal(x)["masks"]
         out = {"coarse_masks": a0, "coarse_visible_masks": v0, "visible_masks": v1, "masks": a1}
-        if not self.training and bool(self.codebook_built):
+        if not self.training and self.rescore and bool(self.codebook_built):
             with torch.no_grad():
                 final = torch.sigmoid(pick_channel(a1, labels)[:, 0]).float()
                 z = self.autoencoder.encode(final)
