@@ -24,7 +24,7 @@ CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 .PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-loader bench-raster bench-hardest bench-recon bench-detections predict sheets tensorboard stages clean help
 
 help:
-	@echo "make setup | test | test-all | train STAGE=.. | data | validate | bench [PROTOCOL=gt-visible|gt-box|detect] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | bench-detections | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
+	@echo "make setup | test | test-all | train STAGE=.. | data | validate | export OUT=.. | bench [PROTOCOL=gt-visible|gt-box|detect] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | bench-detections | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
 
 setup: $(STAMP)
 
@@ -108,3 +108,14 @@ CKPT ?=
 predict: setup
 	@test -n "$(INPUT)" || { echo "usage: make predict INPUT=<images, folder or COCO json> OUT=<folder> [CKPT=<ckpt>]"; exit 2; }
 	$(PY) -m amodal3d predict --input $(INPUT) --out $(OUT) $(if $(CKPT),--ckpt $(CKPT)) $(if $(EXP),--exp $(EXP))
+
+# make export OUT=<folder> [EXP=name | ROOT=<dataset folder>] [SPLITS="train val test"] [FORCE=1]
+# (a built dataset as PNG images + COCO-style amodal JSON per split; docs/data.md, "Export")
+ROOT ?=
+SPLITS ?=
+FORCE ?=
+.PHONY: export
+export: setup
+	@test "$(origin OUT)" = "command line" -o "$(origin OUT)" = "environment" || { echo "usage: make export OUT=<folder> [EXP=<name> | ROOT=<dataset folder>] [SPLITS=\"train val\"] [FORCE=1]"; exit 2; }
+	$(PY) -m amodal3d export --format coco_amodal --out $(OUT) $(if $(ROOT),--root $(ROOT),$(CFG_ARGS)) \
+		$(if $(SPLITS),--splits $(SPLITS)) $(if $(FORCE),--force) $(OVERRIDES)

@@ -7,6 +7,7 @@
     python -m amodal3d sheets
     python -m amodal3d stages
     python -m amodal3d predict --input PATH [PATH ...] --out DIR [--ckpt CKPT] [--exp NAME]
+    python -m amodal3d export --format coco_amodal --out DIR [--exp NAME | --root DIR] [--splits ...] [--force]
 
 A user error (amodal3d.errors.UserError: bad config, data, input or checkpoint) prints one
 line and exits 2; anything else keeps its traceback. `python -m amodal3d --traceback ...`
@@ -54,6 +55,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     root = args.root or _data_config(args).data.root
     report = validate_dataset(root)
     print(report if isinstance(report, str) else "\n".join(f"{k}: {v}" for k, v in dict(report).items()))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from amodal3d.datamodules.coco_export import export_dataset
+    from amodal3d.errors import ConfigError
+
+    if args.root and (args.exp or args.debug or args.overrides):
+        raise ConfigError("export: give either --root DIR (a built dataset folder) or --exp NAME [--debug ..] "
+                          "[key=value ...] (whose data.root is exported), not both")
+    root = args.root or _data_config(args).data.root
+    if args.root:
+        hint = f"`make data OVERRIDES=\"data.root={args.root}\"` (or the experiment that builds it)"
+    else:
+        hint = "`make data" + (f" EXP={args.exp}" if args.exp else "") + (f" DEBUG={args.debug}" if args.debug else "")
+        hint += (f' OVERRIDES="{" ".join(args.overrides)}"`' if args.overrides else "`")
+    rep = export_dataset(root, args.out, format=args.format, splits=args.splits, force=args.force, build_hint=hint)
+    print(f"[export] {rep.summary()}")
     return 0
 
 
@@ -160,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="dataset folder (default: data.root of the config)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("export", help="write a built dataset as PNG images + a COCO-style amodal JSON per split")
+    p.add_argument("--format", default="coco_amodal", help="export format: coco_amodal (docs/data.md, Export)")
+    p.add_argument("--out", required=True, help="output folder: <split>/images/*.png, annotations/<split>.json")
+    p.add_argument("--root", default=None, help="dataset folder (default: data.root of the config)")
+    p.add_argument("--splits", nargs="+", default=None, help="splits to export (default: every split built)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (its contents are deleted)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("sheets", help="write contact-sheet PNGs of objects and composites")
     p.add_argument("--out", default="docs", help="output folder")
