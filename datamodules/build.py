@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ from amodal3d.atomic import write_json_atomic
 from amodal3d.categories import CATEGORIES, category_index, resolve_categories
 from amodal3d.datamodules.composites import GENERATOR_VERSION, CompositeParams, ObjectPool, erase, paste
 from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION, DatasetError, read_manifest, sha256_file
+from amodal3d.datamodules.build_progress import BuildProgress
 from amodal3d.datamodules.shard_writer import write_shard
 from amodal3d.datamodules.sources.base import ALL_OBJECTS, SPLITS, ObjectRenders
 from amodal3d.errors import ConfigError
@@ -132,50 +132,6 @@ def _default_load_objects() -> LoadObjects:
     except ImportError as err:
         raise ImportError(f"datamodules.sources.load_objects is not available ({err})") from None
     return load_objects
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """tqdm on a terminal, plain periodic lines otherwise; on stdout, so that stderr holds
-    only what went wrong (the CLI's one `error:` line)."""
-
-    def __init__(self, total: int, enabled: bool, expected: dict | None = None) -> None:
-        self.enabled, self.total, self.done, self.t0 = enabled, total, 0, time.time()
-        self.expected = dict(expected or {})  # unit key -> images counted in `total` before its objects were read
-        self.bar = None
-        if enabled and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="img", desc="data", dynamic_ncols=True, file=sys.stdout)
-
-    def settle(self, key: Any, images: int) -> None:
-        """The unit `key` turned out to hold `images` images (its objects are read): correct the total."""
-        delta = int(images) - int(self.expected.pop(key, images))
-        if delta:
-            self.total += delta
-            if self.bar is not None:
-                self.bar.total = self.total
-                self.bar.refresh()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def log(self, msg: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(msg[:60])
-        else:
-            el = time.time() - self.t0
-            print(f"[data {el:6.0f}s {self.done}/{self.total}] {msg}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- units
@@ -318,7 +274,7 @@ def _paste_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
 
 
 @contextmanager
-def _locked(root: Path, prog: _Progress) -> Iterator[None]:
+def _locked(root: Path, prog: BuildProgress) -> Iterator[None]:
     fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -402,7 +358,7 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
         total = sum(expected.values())
     else:
         total = sum(gen["paste_images_per_split"][s] for s in splits)
-    prog = _Progress(total, progress, expected)
+    prog = BuildProgress(total, progress, expected)
     try:
         with _locked(root, prog):
             manifest = _existing(root, gen)  # another builder may have finished meanwhile
@@ -422,7 +378,7 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
 
 
 def _build_locked(root: Path, cfg: dict, data_cfg: Any, gen: dict, params: CompositeParams, splits: list[str],
-                  load_objects: LoadObjects | None, prog: _Progress) -> dict:
+                  load_objects: LoadObjects | None, prog: BuildProgress) -> dict:
     """The build itself, under the lock, in a claimed folder; returns the manifest."""
     for p in root.glob("*.tmp"):
         p.unlink()

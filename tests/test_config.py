@@ -149,3 +149,15 @@ def test_real_source_experiments_import_every_model_and_the_split_file_is_a_conf
     assert "split_file" not in generator_config(load_config(None).data)
     with pytest.raises(ConfigError, match="objects_per_split.train=-2"):
         load_config(None, overrides=["data.objects_per_split.train=-2"])
+
+
+def test_the_paper_sized_detector_experiment_reaches_every_detector_stage_and_builds():
+    from amodal3d.lightning_modules.baselines.bcnet import BCNetStage
+
+    for stage in ("visible", "maskrcnn", "orcnn", "bcnet", "vrsp"):
+        cfg = load_config(stage, "detector_paper")
+        assert cfg.model.backbone == "resnet50" and cfg.model.fpn_channels == 256 and cfg.model.max_train_minutes == 0
+    assert load_config("vrsp", "detector_paper").model.prior_train_minutes == 0
+    assert "backbone" not in load_config("refine", "detector_paper").model  # crop stages are untouched
+    net = BCNetStage(load_config("bcnet", "detector_paper")).net  # its channel rule holds at paper size
+    assert net.backbone.out_channels == 256
