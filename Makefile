@@ -17,7 +17,7 @@ OVERRIDES ?=
 PORT ?= 6006
 PYTEST_ARGS ?=
 PROTOCOL ?=
-BENCH_ARGS = $(if $(PROTOCOL),--protocol $(PROTOCOL))
+BENCH_ARGS = $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(EXP),--exp $(EXP))
 
 CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 
