@@ -205,3 +205,19 @@ def test_vrsp_ablation_scores_the_variants_of_a_run(tiny):
         assert torch.equal(r["boxes"], p["boxes"]) and bool((r["scores"] <= p["scores"] + 1e-6).all())
     lowered = torch.cat([p["scores"] - r["scores"] for r, p in zip(rescored, plain)])
     assert len(lowered) > 0 and float(lowered.max()) > 1e-4  # a random codebook fits no mask exactly
+
+
+def test_final_phase_inputs_that_are_missing_or_bad_are_named(tiny, tmp_path):
+    from amodal3d.errors import CheckpointError, ConfigError
+
+    with pytest.raises(ConfigError, match="model.init_checkpoint"):
+        VrspStage(load_config("vrsp", overrides=_ov(tiny, "model.use_prior=true"))).setup("fit")
+    prior = VrspStage(load_config("vrsp", overrides=_ov(tiny)))
+    ckpt = tmp_path / "prior.ckpt"
+    torch.save({"state_dict": prior.state_dict()}, ckpt)
+    bad = tmp_path / "codebook.pt"
+    torch.save({"codebook": torch.zeros(1, 2, 3)}, bad)  # the wrong shape
+    final = VrspStage(load_config("vrsp", overrides=_ov(tiny, "model.use_prior=true", f"model.init_checkpoint={ckpt}",
+                                                      f"model.codebook_path={bad}")))
+    with pytest.raises(CheckpointError, match="codebook_path"):
+        final.setup("fit")

@@ -30,6 +30,7 @@ from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from amodal3d.atomic import replace_atomically, write_json_atomic
 from amodal3d.categories import CATEGORIES
+from amodal3d.errors import CheckpointError, ConfigError, MissingCheckpointError
 from amodal3d.lightning_modules.baselines.maskrcnn import MaskRCNNStage
 from amodal3d.lightning_modules.checkpoints import read_checkpoint, submodule_state
 from amodal3d.lightning_modules.registry import Phase, StageSpec
@@ -102,15 +103,20 @@ class VrspStage(MaskRCNNStage):
         if stage != "fit" or not self.m.use_prior:
             return
         if not self.m.init_checkpoint or not self.m.codebook_path:
-            raise RuntimeError("vrsp: model.use_prior=true needs model.init_checkpoint and model.codebook_path; "
-                               "`make train STAGE=vrsp` sets both from its first two phases")
+            raise ConfigError("vrsp: model.use_prior=true needs model.init_checkpoint and model.codebook_path; "
+                              "`make train STAGE=vrsp` sets both from its first two phases")
         state = read_checkpoint(self.m.init_checkpoint)["state_dict"]
         missing, unexpected = self.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("net.roi_heads.mask_branch.fuse.") for k in missing):
-            raise RuntimeError(f"vrsp: {self.m.init_checkpoint} is not a phase-1 VRSP checkpoint of this model "
-                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        book = torch.load(self.m.codebook_path, map_location="cpu", weights_only=True)
-        self.branch.set_codebook(book["codebook"])
+            raise CheckpointError(f"model.init_checkpoint={self.m.init_checkpoint}: not a phase-1 VRSP checkpoint "
+                                  f"of this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        try:
+            book = torch.load(self.m.codebook_path, map_location="cpu", weights_only=True)["codebook"]
+            self.branch.set_codebook(book)
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"model.codebook_path={self.m.codebook_path}: not a usable VRSP codebook "
+                                  f"({type(err).__name__}: {err}); rerun its phase: delete "
+                                  "phases/codebook/ of the run and RESUME it") from None
 
 
 def build_codebook(cfg: DictConfig, folder: Path) -> dict:
@@ -189,7 +195,7 @@ def _phase_final(cfg: DictConfig, run: Path) -> DictConfig:
 def _best(folder: Path) -> Path:
     p = folder / "checkpoints" / "best.ckpt"
     if not p.is_file():
-        raise FileNotFoundError(f"vrsp: {p} missing: phase 1 did not finish; resume the run (RESUME=<run id>)")
+        raise MissingCheckpointError(f"vrsp: {p} missing: phase 1 did not finish; resume the run (RESUME=<run id>)")
     return p
 
 
