@@ -29,8 +29,15 @@ class DataConfig:
     """What dataset to build (`make data`) and read (training, bench)."""
 
     root: str = "data/synth13-erase"
-    source: str = "synth13"  # synth13 | nmr | shapenet
-    source_path: str = ""  # folder of the nmr npz files or the ShapeNetCore tree
+    source: str = "synth13"  # synth13 | nmr | shapenet (objects, composited) | kins | kins2020 | cocoa | coco_amodal (imported)
+    source_path: str = ""  # folder of the nmr npz files, the ShapeNetCore tree, or an imported dataset's images
+    # imported sources: the annotation file of each split ({train: .., val: .., test: ..}); a split without one
+    # is not built
+    annotations: dict[str, str] = field(default_factory=dict)
+    val_fraction: float = 0.0  # imported sources without a val file: this share of train (by image-id hash) is val
+    # the category table of the dataset read (filled from its manifest by train, bench and predict; empty: the 13
+    # ShapeNet categories). Saved in every run's config, so a checkpoint knows its classes without the disk
+    class_names: list[str] = field(default_factory=list)
     split_file: str = ""  # shapenet: ShapeNet's official split CSV instead of the id hash (docs/data.md)
     categories: list[str] = field(default_factory=lambda: ["all"])
     objects_per_split: dict[str, int] = field(
@@ -210,6 +217,7 @@ def load_config(
     schema.model = OmegaConf.structured(model_schema) if is_dataclass(model_schema) else {}
     OmegaConf.set_struct(schema, True)
     OmegaConf.set_struct(schema.run.checkpoints, False)  # keyed by stage name: run.checkpoints.<stage>=<ckpt>
+    OmegaConf.set_struct(schema.data.annotations, False)  # keyed by split: data.annotations.<split>=<json>
     cfg = _merge(schema, _load_yaml(EXPERIMENTS_DIR / "base.yaml"), "experiments/base.yaml")
     sf = stage_file(stage) if stage else None
     if sf is not None and sf.is_file():

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from amodal3d.categories import resolve_class_names
 from amodal3d.config import ConfigError, load_config, save_config
 from amodal3d.dependencies import check_checkpoint_stage, keep_recorded_checkpoints, resolve_checkpoints
 from amodal3d.atomic import write_json_atomic
@@ -188,6 +189,21 @@ def prepare_run(cfg: DictConfig, spec: StageSpec | None = None) -> tuple[Path, s
     return out, None
 
 
+def resolve_dataset_classes(cfg: DictConfig, manifest: dict, resume_from: str | None = None) -> tuple[str, ...]:
+    """Set cfg.data.class_names from the dataset's manifest (left empty for the 13 ShapeNet
+    categories) before any module is built and before config.yaml is written: the run's heads,
+    metrics and per-category parameters are sized by it, and its checkpoints and config then
+    know their classes without the dataset. Every checkpoint the run starts from (its
+    run.checkpoints dependencies, the one it resumes) must have been trained on the same table."""
+    from amodal3d.lightning_modules.checkpoints import check_checkpoint_classes
+
+    names = resolve_class_names(cfg, manifest)
+    starts_from = [str(p) for p in cfg.run.checkpoints.values() if p] + ([str(resume_from)] if resume_from else [])
+    for path in starts_from:
+        check_checkpoint_classes(path, names, str(cfg.data.root))
+    return names
+
+
 def train(cfg: DictConfig) -> dict:
     """Train one stage as configured (every phase of a stage with phases); returns the run summary."""
     spec = get_stage(cfg.stage)
@@ -200,7 +216,7 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # after the checks that may refuse the run
     from amodal3d.datamodules.build import ensure_dataset
 
-    ensure_dataset(cfg.data)
+    resolve_dataset_classes(cfg, ensure_dataset(cfg.data), ckpt_path)  # before any module or config.yaml
     try:
         if spec.phases:
             return _train_phases(cfg, spec, out)

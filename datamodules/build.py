@@ -15,16 +15,11 @@ serialise on `fcntl.flock(<root>/.lock)`.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
-import json
 import math
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -32,19 +27,16 @@ import numpy as np
 from amodal3d.atomic import write_json_atomic
 from amodal3d.categories import CATEGORIES, category_index, resolve_categories
 from amodal3d.datamodules.composites import GENERATOR_VERSION, CompositeParams, ObjectPool, erase, paste
-from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION, DatasetError, read_manifest, sha256_file
+from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION
 from amodal3d.datamodules.build_progress import BuildProgress
-from amodal3d.datamodules.shard_writer import write_shard
+from amodal3d.datamodules.build_units import (  # noqa: F401 (BuildConfigError: raised here too)
+    GENERATOR_FILE, BuildConfigError, claim_folder, existing_manifest, config_hash, load_done, locked, write_unit,
+)
+from amodal3d.datamodules.imports.build import import_dataset, is_import
 from amodal3d.datamodules.sources.base import ALL_OBJECTS, SPLITS, ObjectRenders
 from amodal3d.errors import ConfigError
 
 LoadObjects = Callable[[Any, str, str], ObjectRenders]
-GENERATOR_FILE = "generator.json"
-LOCK_FILE = ".lock"
-
-
-class BuildConfigError(DatasetError):
-    """data.root already holds (part of) a dataset built with another config."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -71,7 +63,8 @@ def generator_config(data_cfg: Any) -> dict:
     invalidate a built dataset.
     """
     cfg = data_config_dict(data_cfg)
-    gen = {k: v for k, v in cfg.items() if k != "root"}
+    # where it lives, the category table read back from it, and the imported sources' keys
+    gen = {k: v for k, v in cfg.items() if k not in ("root", "class_names", "annotations", "val_fraction")}
     if not gen.get("split_file"):  # no split file: the id hash, as datasets built before the key existed
         gen.pop("split_file", None)
     gen["categories"] = resolve_categories(cfg.get("categories"))
@@ -86,15 +79,6 @@ def generator_config(data_cfg: Any) -> dict:
     gen["generator_version"] = GENERATOR_VERSION
     gen["schema_version"] = SCHEMA_VERSION
     return gen
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
 def _params(cfg: dict) -> CompositeParams:
@@ -137,39 +121,6 @@ def _default_load_objects() -> LoadObjects:
 # ----------------------------------------------------------------------------- units
 
 
-def _done_path(root: Path, shard: str) -> Path:
-    return root / f"{shard}.done.json"
-
-
-def _load_done(root: Path, shard: str, gen_hash: str) -> dict | None:
-    """The sidecar of a finished unit, or None if the unit must be (re)built."""
-    p = _done_path(root, shard)
-    if not p.is_file():
-        return None
-    try:
-        done = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if done.get("generator_hash") != gen_hash or done.get("schema_version") != SCHEMA_VERSION:
-        return None
-    rec = done.get("record")
-    if rec is None:  # a unit whose every sample was skipped: no shard file
-        return done
-    f = root / rec["file"]
-    if not f.is_file() or f.stat().st_size != rec["bytes"] or sha256_file(f) != rec["sha256"]:
-        return None
-    return done
-
-
-def _write_unit(root: Path, shard: str, composites: list, attrs: dict, extra: dict, gen_hash: str) -> dict:
-    rec = write_shard(root / f"{shard}.h5", composites, attrs) if composites else None
-    if rec is not None:
-        rec.update({k: v for k, v in attrs.items() if k in ("split", "category", "unit", "chunk")})
-    done = {"schema_version": SCHEMA_VERSION, "generator_hash": gen_hash, "record": rec, **extra}
-    write_json_atomic(_done_path(root, shard), done, indent=1, durable=True)
-    return done
-
-
 def _objects_info(objs: ObjectRenders, offset: int) -> dict:
     info = {"offset": offset, "count": objs.num_objects, "views": objs.num_views, "ids": list(objs.object_ids)}
     if objs.skipped:  # only then: a source that skips nothing (synth13) keeps its manifest as it was
@@ -182,11 +133,11 @@ def _erase_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
     records, skipped, objects = [], {}, {}
     offset = 0
     for cat in resolve_categories(cfg.get("categories")):
-        first = _load_done(root, f"{split}-{cat}-000", gen_hash)
+        first = load_done(root, f"{split}-{cat}-000", gen_hash)
         dones = None
         if first is not None:
             n_chunks = int(first["num_chunks"])
-            dones = [_load_done(root, f"{split}-{cat}-{k:03d}", gen_hash) for k in range(n_chunks)]
+            dones = [load_done(root, f"{split}-{cat}-{k:03d}", gen_hash) for k in range(n_chunks)]
             info = first["objects"]
         if dones is None or any(d is None for d in dones):
             prog.log(f"{split}/{cat}: loading objects")
@@ -201,7 +152,7 @@ def _erase_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
             for k in range(n_chunks):
                 shard = f"{split}-{cat}-{k:03d}"
                 if dones[k] is None:
-                    dones[k] = _load_done(root, shard, gen_hash)
+                    dones[k] = load_done(root, shard, gen_hash)
                 if dones[k] is not None:
                     prog.update(len(range(k * size, min((k + 1) * size, n * v))))
                     continue
@@ -220,7 +171,7 @@ def _erase_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
                     prog.update(1)
                 attrs = {"split": split, "category": cat, "unit": cat, "chunk": k, "composite": "erase"}
                 extra = {"num_chunks": n_chunks, "objects": info, "skipped": skip}
-                dones[k] = _write_unit(root, shard, comps, attrs, extra, gen_hash)
+                dones[k] = write_unit(root, shard, comps, attrs, extra, gen_hash)
                 prog.log(f"{shard}: {len(comps)} images, skipped {sum(skip.values())} in {time.time() - t0:.1f}s")
             del objs
         else:
@@ -244,7 +195,7 @@ def _paste_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
     n_images = int(dict(cfg["paste_images_per_split"])[split])
     n_chunks = max(1, math.ceil(n_images / per_shard))
     names = [f"{split}-paste-{k:03d}" for k in range(n_chunks)]
-    dones = [_load_done(root, s, gen_hash) for s in names]
+    dones = [load_done(root, s, gen_hash) for s in names]
     pool, objects = None, None
     for k, shard in enumerate(names):
         lo, hi = k * per_shard, min((k + 1) * per_shard, n_images)
@@ -265,60 +216,12 @@ def _paste_split(root, cfg, data_cfg, params, split, gen_hash, load, prog) -> tu
             comps.append(paste(pool, params=params, split=split, index=idx))
             prog.update(1)
         attrs = {"split": split, "category": "", "unit": "paste", "chunk": k, "composite": "paste"}
-        dones[k] = _write_unit(root, shard, comps, attrs, {"num_chunks": n_chunks, "objects": objects}, gen_hash)
+        dones[k] = write_unit(root, shard, comps, attrs, {"num_chunks": n_chunks, "objects": objects}, gen_hash)
         prog.log(f"{shard}: {len(comps)} images, {dones[k]['record']['instances']} instances in {time.time() - t0:.1f}s")
     return [d["record"] for d in dones if d["record"] is not None], {}, objects or {}
 
 
 # ----------------------------------------------------------------------------- lock and entry points
-
-
-@contextmanager
-def _locked(root: Path, prog: BuildProgress) -> Iterator[None]:
-    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            prog.log(f"waiting for another builder of {root} (lock {root / LOCK_FILE})")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _existing(root: Path, gen: dict) -> dict | None:
-    """The manifest if the dataset is already built with `gen`; error if with another."""
-    if not (root / MANIFEST).is_file():
-        return None
-    try:
-        manifest = read_manifest(root)
-    except DatasetError as err:
-        raise BuildConfigError(f"{err}") from None
-    if manifest.get("generator") != gen:
-        raise BuildConfigError(
-            f"{root} already holds a dataset built with another data config "
-            f"({_diff(manifest.get('generator', {}), gen)}); set another data.root or delete {root}"
-        )
-    return manifest
-
-
-def _claim_folder(root: Path, gen: dict) -> None:
-    """Record the generator config of a build in progress; refuse a different one."""
-    p = root / GENERATOR_FILE
-    if p.is_file():
-        try:
-            old = json.loads(p.read_text())
-        except (OSError, ValueError) as err:
-            raise BuildConfigError(f"{p}: cannot read the config of a partial build ({err}); delete {root}") from None
-        if old != gen:
-            raise BuildConfigError(
-                f"{root} holds a partial build with another data config ({_diff(old, gen)}); "
-                f"set another data.root or delete {root}"
-            )
-        return
-    write_json_atomic(p, gen, indent=1, durable=True)
 
 
 def _expected_objects(data_cfg: Any, gen: dict, splits: list[str], load_objects: LoadObjects | None) -> dict:
@@ -343,11 +246,13 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
     datamodules.sources.load_objects. Returns the manifest.
     """
     cfg = data_config_dict(data_cfg)
+    if is_import(cfg):
+        return import_dataset(cfg, progress)
     gen = generator_config(cfg)
     params = _params(cfg)
     splits = _splits(cfg)
     root = Path(cfg["root"])
-    manifest = _existing(root, gen)
+    manifest = existing_manifest(root, gen)
     if manifest is not None:
         return manifest
     root.mkdir(parents=True, exist_ok=True)
@@ -360,11 +265,11 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
         total = sum(gen["paste_images_per_split"][s] for s in splits)
     prog = BuildProgress(total, progress, expected)
     try:
-        with _locked(root, prog):
-            manifest = _existing(root, gen)  # another builder may have finished meanwhile
+        with locked(root, prog):
+            manifest = existing_manifest(root, gen)  # another builder may have finished meanwhile
             if manifest is not None:
                 return manifest
-            _claim_folder(root, gen)
+            claim_folder(root, gen)
             try:
                 return _build_locked(root, cfg, data_cfg, gen, params, splits, load_objects, prog)
             except BaseException:
@@ -383,7 +288,7 @@ def _build_locked(root: Path, cfg: dict, data_cfg: Any, gen: dict, params: Compo
     for p in root.glob("*.tmp"):
         p.unlink()
     load = load_objects or _default_load_objects()
-    gen_hash = _hash(gen)
+    gen_hash = config_hash(gen)
     t0 = time.time()
     splits_info, objects = {}, {}
     for split in splits:
@@ -402,6 +307,8 @@ def _build_locked(root: Path, cfg: dict, data_cfg: Any, gen: dict, params: Compo
         "generator_hash": gen_hash,
         "composite": cfg["composite"],
         "image_size": int(cfg["image_size"]),
+        "image_height": int(cfg["image_size"]),
+        "image_width": int(cfg["image_size"]),
         "categories": gen["categories"],
         "category_ids": {c: category_index(c) for c in gen["categories"]},
         "all_categories": list(CATEGORIES),

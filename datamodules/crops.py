@@ -9,7 +9,7 @@ Item contract (other stages code against these names; docs/data.md):
 
     rgb (3,S,S) float32 [0,1]     visible (1,S,S) {0,1}     occluded (1,S,S) {0,1}
     category int64 ()             object_id int64 ()        index int64 ()
-    crop_box (4,) xyxy pixels     image_visible (1,H,W)     image_occluded (1,H,W)
+    crop_box (4,) xyxy pixels     image_visible (1,H,W)     image_occluded (1,H,W)  (H,W: the split's largest image; zero padded)
     amodal_box (4,)               gt-box only
     unknown (1,S,S) {0,1}         training/validation items; gt-box test items
     eval_amodal (1,S,S)  eval_image_amodal (1,H,W)  eval_camera (3,)  eval_view_id int64 ()
@@ -106,18 +106,19 @@ def crop_coverage(index: dict, boxes: np.ndarray) -> np.ndarray:
 
 
 class _CropSampler:
-    """Fast single-item crops: numpy grid, one grid_sample over rgb + masks."""
+    """Fast single-item crops: numpy grid, one grid_sample over rgb + masks (of any image size)."""
 
-    def __init__(self, size: int, h: int, w: int) -> None:
-        self.size, self.h, self.w = size, h, w
+    def __init__(self, size: int) -> None:
+        self.size = size
         self.t = ((np.arange(size, dtype=np.float32) + 0.5) / size)
         self.grid = np.empty((1, size, size, 2), np.float32)
 
     def __call__(self, chw: np.ndarray, box: np.ndarray) -> np.ndarray:
+        h, w = chw.shape[1:]
         x = box[0] + self.t * (box[2] - box[0])
         y = box[1] + self.t * (box[3] - box[1])
-        self.grid[0, :, :, 0] = (2 * x / self.w - 1)[None, :]
-        self.grid[0, :, :, 1] = (2 * y / self.h - 1)[:, None]
+        self.grid[0, :, :, 0] = (2 * x / w - 1)[None, :]
+        self.grid[0, :, :, 1] = (2 * y / h - 1)[:, None]
         out = F.grid_sample(
             torch.from_numpy(chw)[None], torch.from_numpy(self.grid), mode="bilinear",
             padding_mode="zeros", align_corners=False,
@@ -175,7 +176,7 @@ class CropDataset(Dataset):
         self.with_unknown = self.protocol == GT_BOX or split != "test"
         self.views_per_item, self.train = int(views_per_item), bool(train)
         self.composite = self.reader.manifest.get("composite", "erase")
-        self._sampler = _CropSampler(self.crop_size, self.reader.height, self.reader.width)
+        self._sampler = _CropSampler(self.crop_size)
         self._groups: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._rng: tuple[int, np.random.Generator] | None = None
         self._boxes: tuple[int, np.ndarray] | None = None
@@ -247,10 +248,20 @@ class CropDataset(Dataset):
         """bool (H,W) union of the visible masks of the other instances of instance i's image."""
         start, stop = self.reader.instance_range(image)
         if stop - start <= 1:
-            return np.zeros((self.reader.height, self.reader.width), bool)
+            return np.zeros(self.reader.image_size(image), bool)
         vis = self.reader.image_masks(image, ["visible"])["visible"]
         keep = np.arange(start, stop) != i
         return vis[keep].any(axis=0)
+
+    def _image_frame(self, mask: np.ndarray) -> torch.Tensor:
+        """float (1,H,W) of an image-frame mask, padded (zeros, bottom and right) to the split's
+        largest image, so that items of images of different sizes batch together."""
+        h, w = self.reader.height, self.reader.width
+        if mask.shape == (h, w):
+            return torch.from_numpy(mask[None].astype(np.float32))
+        out = np.zeros((1, h, w), np.float32)
+        out[0, :mask.shape[0], :mask.shape[1]] = mask
+        return torch.from_numpy(out)
 
     def crop(self, i: int) -> dict[str, torch.Tensor]:
         """The single-view item of instance i (keys: the module doc)."""
@@ -270,8 +281,8 @@ class CropDataset(Dataset):
             "category": _scalar(idx["category"][i], np.int64),
             "object_id": _scalar(idx["object_id"][i], np.int64),
             "crop_box": torch.from_numpy(crop_box.copy()),
-            "image_visible": torch.from_numpy(m["visible"][None].astype(np.float32)),
-            "image_occluded": torch.from_numpy(given[None].astype(np.float32)),
+            "image_visible": self._image_frame(m["visible"]),
+            "image_occluded": self._image_frame(given),
             "index": _scalar(i, np.int64),
         }
         if self.protocol == GT_BOX:
@@ -280,7 +291,7 @@ class CropDataset(Dataset):
             item["unknown"] = torch.from_numpy(unk)
         item.update({
             "eval_amodal": torch.from_numpy(amo),
-            "eval_image_amodal": torch.from_numpy(m["amodal"][None].astype(np.float32)),
+            "eval_image_amodal": self._image_frame(m["amodal"]),
             "eval_camera": torch.from_numpy(idx["camera"][i].copy()),
             "eval_view_id": _scalar(idx["view_id"][i], np.int64),
             "eval_occlusion": _scalar(idx["occlusion"][i], np.float32),

@@ -17,8 +17,11 @@ import numpy as np
 
 from amodal3d.errors import DatasetError
 
-#: version of the shard and manifest layout; bump on any incompatible change
-SCHEMA_VERSION = 2
+#: version of the shard and manifest layout written; bump on any incompatible change.
+#: 3: images of any size (padded per shard, `image_hw` each), masks packed inside a
+#: per-instance window; 2: square images, full-frame masks (still read)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 MASKS = ("amodal", "visible", "occluder")
 
@@ -42,6 +45,43 @@ def pack_masks(masks: np.ndarray) -> np.ndarray:
 def unpack_masks(bits: np.ndarray, width: int) -> np.ndarray:
     """uint8 (...,H,ceil(W/8)) -> bool (...,H,W)."""
     return np.unpackbits(bits, axis=-1, count=width).view(bool)
+
+
+def mask_windows(masks: list[np.ndarray]) -> np.ndarray:
+    """int32 (M,4) xyxy (x2/y2 exclusive) window of each instance: the box of the union of its
+    masks (a list of bool (M,H,W), one per mask kind); (0,0,0,0) for an instance without pixels."""
+    union = np.zeros_like(np.asarray(masks[0], bool))
+    for m in masks:
+        union |= np.asarray(m, bool)
+    out = np.zeros((union.shape[0], 4), np.int32)
+    rows, cols = union.any(axis=2), union.any(axis=1)  # (M,H), (M,W)
+    for j in np.flatnonzero(rows.any(axis=1)):
+        ys, xs = np.flatnonzero(rows[j]), np.flatnonzero(cols[j])
+        out[j] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return out
+
+
+def window_bytes(windows: np.ndarray) -> np.ndarray:
+    """int64 (M,) bytes of each instance's packed window: height x ceil(width / 8)."""
+    w = np.asarray(windows, np.int64)
+    return (w[:, 3] - w[:, 1]) * ((w[:, 2] - w[:, 0] + 7) // 8)
+
+
+def pack_windows(masks: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """bool (M,H,W) masks -> one flat uint8 array: each instance's window, bits along x, row by row."""
+    parts = [np.packbits(np.asarray(m[y1:y2, x1:x2], bool), axis=-1).ravel()
+             for m, (x1, y1, x2, y2) in zip(masks, np.asarray(windows))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def unpack_window(bits: np.ndarray, window: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The inverse of pack_windows for one instance: bool (height,width), False outside its window."""
+    x1, y1, x2, y2 = (int(v) for v in window)
+    out = np.zeros((height, width), bool)
+    if x2 > x1 and y2 > y1:
+        rows = np.asarray(bits, np.uint8).reshape(y2 - y1, -1)
+        out[y1:y2, x1:x2] = np.unpackbits(rows, axis=-1, count=x2 - x1).view(bool)
+    return out
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -69,18 +109,25 @@ def read_manifest(root: str | os.PathLike) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise DatasetError(f"{path}: cannot read the manifest ({err}); delete {root} and rebuild") from None
     version = manifest.get("schema_version")
+    if version in READABLE_VERSIONS:
+        return manifest
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{path}: dataset schema version {version}, but this code reads version {SCHEMA_VERSION} "
             f"(the dataset was written by a newer amodal3d): update this checkout, or rebuild it "
             f"(delete {root} or set another data.root, then `make data`)"
         )
-    if version != SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"{path}: dataset schema version {version}, but this code reads version {SCHEMA_VERSION}; "
-            f"rebuild it (delete {root} or set another data.root, then `make data`)"
-        )
-    return manifest
+    raise SchemaVersionError(
+        f"{path}: dataset schema version {version}, but this code reads versions "
+        f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it (delete {root} or set another data.root, then `make data`)"
+    )
+
+
+def manifest_image_shape(manifest: dict) -> tuple[int, int]:
+    """(height, width) every image of the dataset fits in: schema 3 records the largest of each;
+    schema 2 images are all image_size square."""
+    size = int(manifest.get("image_size", 0))
+    return int(manifest.get("image_height", size)), int(manifest.get("image_width", size))
 
 
 def split_shards(manifest: dict, split: str, root: str | os.PathLike = "") -> list[dict]:

@@ -18,7 +18,8 @@ import numpy as np
 
 from amodal3d.datamodules.composites import INSTANCE_FIELDS
 from amodal3d.datamodules.shard_format import (
-    MASKS, SCHEMA_VERSION, SchemaVersionError, ShardError, read_manifest, split_shards, unpack_masks, verify_shard,
+    MASKS, SchemaVersionError, ShardError, manifest_image_shape, read_manifest, split_shards, unpack_masks,
+    unpack_window, verify_shard,
 )
 
 
@@ -37,6 +38,10 @@ class SplitReader:
     shard files as plain bytes); HDF5 files are opened on first access in each
     process. The small per-instance arrays of all shards are loaded into memory
     on first access; an image's instances are one contiguous slice.
+
+    Images come back at their own size (schema 3 datasets hold images of any size;
+    `height`/`width` are the largest of the dataset, for padding a batch); masks at the
+    size of their image.
     """
 
     def __init__(self, root: str | os.PathLike, split: str, verify: bool = True) -> None:
@@ -44,8 +49,8 @@ class SplitReader:
         self.split = split
         self.manifest = read_manifest(self.root)
         records = split_shards(self.manifest, split, self.root)
-        self.height = int(self.manifest["image_size"])
-        self.width = int(self.manifest["image_size"])
+        self.version = int(self.manifest["schema_version"])
+        self.height, self.width = manifest_image_shape(self.manifest)
         self.shards: list[_Shard] = []
         img, inst = 0, 0
         for rec in records:
@@ -89,10 +94,11 @@ class SplitReader:
                 version = int(f.attrs.get("schema_version", -1))
             except (OSError, KeyError, ValueError) as err:
                 raise ShardError(f"shard {shard.path} cannot be opened ({err}); it is truncated or corrupt") from None
-            if version != SCHEMA_VERSION:
+            if version != self.version:
                 f.close()
                 raise SchemaVersionError(
-                    f"shard {shard.path}: schema version {version}, this code reads {SCHEMA_VERSION}"
+                    f"shard {shard.path}: schema version {version}, its manifest says {self.version}; "
+                    "rebuild the dataset"
                 )
             self._files[k] = f
         return f
@@ -117,11 +123,15 @@ class SplitReader:
         """Per-instance arrays of the whole split (M rows), loaded once per process.
 
         Keys: the INSTANCE_FIELDS, `image` (global image index of each
-        instance), `image_ids`, `inst_offsets` (global, N+1).
+        instance), `image_ids`, `inst_offsets` (global, N+1), `image_hw` (N,2);
+        schema 3 also `mask_window` (M,4) and `mask_start`/`mask_stop` (M,), each
+        instance's bytes in its shard's flat mask arrays.
         """
         if self._index is None or self._pid != os.getpid():
             parts: dict[str, list[np.ndarray]] = {n: [] for n in INSTANCE_FIELDS}
-            parts.update(image=[], image_ids=[], inst_offsets=[])
+            parts.update(image=[], image_ids=[], inst_offsets=[], image_hw=[])
+            if self.version >= 3:
+                parts.update(mask_window=[], mask_start=[], mask_stop=[])
             for k, shard in enumerate(self.shards):
                 f = self._file(k)
                 n_img, n_inst = int(shard.record["images"]), int(shard.record["instances"])
@@ -136,6 +146,17 @@ class SplitReader:
                         f"the manifest says {n_img} / {n_inst}; rebuild the dataset"
                     )
                 parts["inst_offsets"].append(offs[:-1] + shard.inst_start)
+                if self.version >= 3:
+                    parts["image_hw"].append(self._read(k, "image_hw", ()).astype(np.int64))
+                    parts["mask_window"].append(self._read(k, "mask_window", ()).astype(np.int64))
+                    moffs = self._read(k, "mask_offsets", ())
+                    if len(moffs) != n_inst + 1:
+                        raise ShardError(f"shard {shard.path}: {len(moffs) - 1} mask offsets for {n_inst} "
+                                         "instances; rebuild the dataset")
+                    parts["mask_start"].append(moffs[:-1])
+                    parts["mask_stop"].append(moffs[1:])
+                else:
+                    parts["image_hw"].append(np.tile(np.array([[self.height, self.width]], np.int64), (n_img, 1)))
             idx = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
             idx["inst_offsets"] = np.concatenate([idx["inst_offsets"], [self.num_instances]]).astype(np.int64)
             self._index = idx
@@ -153,24 +174,51 @@ class SplitReader:
         k = int(np.searchsorted(self._image_starts, i, side="right") - 1)
         return k, i - int(self._image_starts[k])
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(height, width) of image i."""
+        h, w = self.index["image_hw"][i]
+        return int(h), int(w)
+
     def image(self, i: int) -> np.ndarray:
-        """uint8 (H,W,3) image i of the split."""
+        """uint8 (H,W,3) image i of the split, at its own size."""
         k, r = self.locate_image(i)
-        return self._read(k, "images", r)
+        pixels = self._read(k, "images", r)
+        if self.version < 3:
+            return pixels
+        h, w = self.image_size(i)
+        return pixels if pixels.shape[:2] == (h, w) else np.ascontiguousarray(pixels[:h, :w])
 
     def instance_masks(self, i: int, names: Iterable[str] = MASKS) -> dict[str, np.ndarray]:
-        """bool (H,W) masks of instance i (one chunk read per mask)."""
+        """bool (H,W) masks of instance i, at its image's size (one small read per mask)."""
         k, r = self.locate_instance(i)
-        return {n: unpack_masks(self._read(k, f"{n}_bits", r), self.width) for n in names}
+        if self.version < 3:
+            return {n: unpack_masks(self._read(k, f"{n}_bits", r), self.width) for n in names}
+        idx = self.index
+        h, w = self.image_size(int(idx["image"][i]))
+        sel = slice(int(idx["mask_start"][i]), int(idx["mask_stop"][i]))
+        return {n: unpack_window(self._read(k, f"{n}_bits", sel), idx["mask_window"][i], h, w) for n in names}
 
     def image_masks(self, i: int, names: Iterable[str] = MASKS) -> dict[str, np.ndarray]:
-        """bool (M_i,H,W) masks of every instance of image i (one slice per mask)."""
+        """bool (M_i,H,W) masks of every instance of image i, at its size (one slice per mask)."""
         k, r = self.locate_image(i)
         idx = self.index
         start, stop = int(idx["inst_offsets"][i]), int(idx["inst_offsets"][i + 1])
-        lo = start - self.shards[k].inst_start
-        sel = slice(lo, lo + stop - start)
-        return {n: unpack_masks(self._read(k, f"{n}_bits", sel), self.width) for n in names}
+        if self.version < 3:
+            lo = start - self.shards[k].inst_start
+            sel = slice(lo, lo + stop - start)
+            return {n: unpack_masks(self._read(k, f"{n}_bits", sel), self.width) for n in names}
+        h, w = self.image_size(i)
+        out = {n: np.zeros((stop - start, h, w), bool) for n in names}
+        if stop == start:
+            return out
+        base = int(idx["mask_start"][start])
+        sel = slice(base, int(idx["mask_stop"][stop - 1]))
+        for n in names:
+            flat = self._read(k, f"{n}_bits", sel)
+            for j, row in enumerate(range(start, stop)):
+                a, b = int(idx["mask_start"][row]) - base, int(idx["mask_stop"][row]) - base
+                out[n][j] = unpack_window(flat[a:b], idx["mask_window"][row], h, w)
+        return out
 
     def instance_range(self, i: int) -> tuple[int, int]:
         """Global instance rows [start, stop) of image i."""

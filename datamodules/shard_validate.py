@@ -13,11 +13,27 @@ from typing import Any
 import h5py
 import numpy as np
 
-from amodal3d.datamodules.composites import INSTANCE_FIELDS, mask_boxes
-from amodal3d.datamodules.shard_format import MASKS, DatasetError, ShardError, read_manifest, unpack_masks, verify_shard
+from amodal3d.datamodules.composites import INSTANCE_FIELDS, mask_box
+from amodal3d.datamodules.shard_format import (
+    MASKS, DatasetError, ShardError, read_manifest, unpack_masks, unpack_window, verify_shard, window_bytes,
+)
 
 
-def _check_shard(path: Path, rec: dict, size: int, problems: list[str]) -> None:
+def _shard_masks(f: h5py.File, version: int, size: int, hw: np.ndarray, image_index: np.ndarray):
+    """Yield (instance row, amodal, visible, occluder) bool masks at each instance's image size."""
+    if version < 3:
+        am, vi, oc = (unpack_masks(f[f"{k}_bits"][()], size) for k in MASKS)
+        for j in range(am.shape[0]):
+            yield j, am[j], vi[j], oc[j]
+        return
+    window, offs = f["mask_window"][()], f["mask_offsets"][()]
+    flat = {k: f[f"{k}_bits"][()] for k in MASKS}
+    for j in range(len(window)):
+        h, w = (int(v) for v in hw[image_index[j]])
+        yield j, *(unpack_window(flat[k][offs[j]:offs[j + 1]], window[j], h, w) for k in MASKS)
+
+
+def _check_shard(path: Path, rec: dict, version: int, size: int, problems: list[str]) -> None:
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as err:
@@ -26,9 +42,12 @@ def _check_shard(path: Path, rec: dict, size: int, problems: list[str]) -> None:
     with f:
         try:
             n, m = int(rec["images"]), int(rec["instances"])
-            wb = (size + 7) // 8
-            expect = {"images": (n, size, size, 3), "image_ids": (n,), "inst_offsets": (n + 1,), "image_index": (m,)}
-            expect.update({f"{k}_bits": (m, size, wb) for k in MASKS})
+            expect = {"image_ids": (n,), "inst_offsets": (n + 1,), "image_index": (m,)}
+            if version < 3:
+                expect["images"] = (n, size, size, 3)
+                expect.update({f"{k}_bits": (m, size, (size + 7) // 8) for k in MASKS})
+            else:
+                expect.update({"image_hw": (n, 2), "mask_window": (m, 4), "mask_offsets": (m + 1,)})
             for name in INSTANCE_FIELDS:
                 expect[name] = (m,) + ((3,) if name == "camera" else (4,) if name.endswith("_box") else ())
             for name, shape in expect.items():
@@ -36,31 +55,47 @@ def _check_shard(path: Path, rec: dict, size: int, problems: list[str]) -> None:
                     problems.append(f"shard {path}: dataset {name!r} missing")
                 elif f[name].shape != shape:
                     problems.append(f"shard {path}: {name} has shape {f[name].shape}, expected {shape}")
+            if version >= 3:
+                for name in ("images", *(f"{k}_bits" for k in MASKS)):
+                    if name not in f:
+                        problems.append(f"shard {path}: dataset {name!r} missing")
             if problems and any(str(path) in p for p in problems):
                 return
             offs = f["inst_offsets"][()]
             if offs[0] != 0 or offs[-1] != m or np.any(np.diff(offs) < 0):
                 problems.append(f"shard {path}: inst_offsets not monotone from 0 to {m}")
-            f["images"][()]  # decompress every chunk once: catches corrupt image chunks
-            am = unpack_masks(f["amodal_bits"][()], size)
-            vi = unpack_masks(f["visible_bits"][()], size)
-            oc = unpack_masks(f["occluder_bits"][()], size)
-            bad = np.flatnonzero((vi & ~am).reshape(m, -1).any(1))
-            if bad.size:
-                problems.append(f"shard {path}: visible not inside amodal for instances {bad[:5].tolist()}")
-            bad = np.flatnonzero((vi & oc).reshape(m, -1).any(1))
-            if bad.size:
-                problems.append(f"shard {path}: occluder overlaps visible for instances {bad[:5].tolist()}")
-            bad = np.flatnonzero(~vi.reshape(m, -1).any(1))
-            if bad.size:
-                problems.append(f"shard {path}: empty visible mask for instances {bad[:5].tolist()}")
-            for name, masks in (("amodal_box", am), ("visible_box", vi)):
-                if not np.array_equal(mask_boxes(masks), f[name][()]):
-                    problems.append(f"shard {path}: {name} does not match the {name.split('_')[0]} masks")
-            a = am.reshape(m, -1).sum(1)
-            occ = 1.0 - vi.reshape(m, -1).sum(1) / np.maximum(a, 1)
-            if not np.allclose(occ, f["occlusion"][()], atol=1e-5):
-                problems.append(f"shard {path}: occlusion differs from 1 - visible/amodal area")
+            images = f["images"]
+            hw = f["image_hw"][()] if version >= 3 else np.full((n, 2), size, np.int64)
+            if version >= 3:
+                if images.shape[0] != n or images.shape[3] != 3 or (n and (hw.max(0) > images.shape[1:3]).any()):
+                    problems.append(f"shard {path}: images {images.shape} do not hold the sizes in image_hw")
+                    return
+                moffs = f["mask_offsets"][()]
+                need = window_bytes(f["mask_window"][()])
+                if moffs[0] != 0 or np.any(np.diff(moffs) != need) or any(f[f"{k}_bits"].shape != (moffs[-1],)
+                                                                          for k in MASKS):
+                    problems.append(f"shard {path}: mask_offsets do not match the mask windows")
+                    return
+            images[()]  # decompress every chunk once: catches corrupt image chunks
+            image_index = f["image_index"][()]
+            boxes = {k: f[k][()] for k in ("amodal_box", "visible_box")}
+            occlusion = f["occlusion"][()]
+            bad: dict[str, list[int]] = {}
+            for j, am, vi, oc in _shard_masks(f, version, size, hw, image_index):
+                checks = {
+                    "visible not inside amodal": (vi & ~am).any(),
+                    "occluder overlaps visible": (vi & oc).any(),
+                    "empty visible mask": not vi.any(),
+                    "amodal_box does not match the amodal masks": not np.array_equal(mask_box(am), boxes["amodal_box"][j]),
+                    "visible_box does not match the visible masks": not np.array_equal(mask_box(vi), boxes["visible_box"][j]),
+                    "occlusion differs from 1 - visible/amodal area":
+                        abs(1.0 - vi.sum() / max(int(am.sum()), 1) - float(occlusion[j])) > 1e-5,
+                }
+                for what, failed in checks.items():
+                    if failed:
+                        bad.setdefault(what, []).append(j)
+            for what, rows in bad.items():
+                problems.append(f"shard {path}: {what} for instances {rows[:5]}")
         except (OSError, KeyError, ValueError, RuntimeError) as err:
             problems.append(f"shard {path}: cannot be read ({err})")
 
@@ -76,7 +111,8 @@ def validate_dataset(root: str | os.PathLike, raise_on_error: bool = True) -> di
     """
     root = Path(root)
     manifest = read_manifest(root)
-    size = int(manifest["image_size"])
+    size = int(manifest.get("image_size", 0))
+    version = int(manifest["schema_version"])
     problems: list[str] = []
     report: dict[str, Any] = {"root": str(root), "schema_version": manifest["schema_version"], "splits": {}}
     for split, info in manifest.get("splits", {}).items():
@@ -88,7 +124,7 @@ def validate_dataset(root: str | os.PathLike, raise_on_error: bool = True) -> di
             except ShardError as err:
                 problems.append(str(err))
                 continue
-            _check_shard(path, rec, size, problems)
+            _check_shard(path, rec, version, size, problems)
             n_img += int(rec["images"])
             n_inst += int(rec["instances"])
         if (n_img, n_inst) != (info["images"], info["instances"]):

@@ -41,6 +41,25 @@ def checkpoint_model_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a stage checkpoint of this project (no hyper_parameters.cfg.model)") from None
 
 
+def checkpoint_class_names(path: str | Path) -> tuple[str, ...]:
+    """The category table a checkpoint was trained on (its hparams cfg.data.class_names; a
+    checkpoint from before the key holds the 13 ShapeNet categories)."""
+    from omegaconf import OmegaConf
+
+    from amodal3d.categories import class_names
+
+    cfg = checkpoint_hparams(path).get("cfg") or {}
+    return class_names(OmegaConf.create(dict(cfg)))
+
+
+def check_checkpoint_classes(path: str | Path, dataset: tuple[str, ...], data_root: str = "") -> None:
+    """ConfigError when the checkpoint at `path` was trained on another category table than
+    `dataset` (amodal3d.categories.check_class_names)."""
+    from amodal3d.categories import check_class_names
+
+    check_class_names(path, checkpoint_class_names(path), dataset, data_root)
+
+
 def submodule_state(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     """The state dict entries under `prefix.` with the prefix removed (e.g. 'net')."""
     state = read_checkpoint(path)["state_dict"]

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import class_names
 from amodal3d.errors import ConfigError
 
 SPLITS = ("val", "test")
@@ -90,11 +90,14 @@ class AmodalStage(L.LightningModule, ABC):
         super().__init__()
         cfg = as_config(cfg)
         self.cfg = cfg
+        # the category table of the data it trains on (saved in the hparams' cfg): every metric row,
+        # logged name and per-category parameter is indexed by it
+        self.class_names = class_names(cfg)
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         from amodal3d.metrics.amodal_iou import AmodalMIoU
 
-        self.val_metric = AmodalMIoU(num_categories=len(CATEGORIES))
-        self.test_metric = AmodalMIoU(num_categories=len(CATEGORIES))
+        self.val_metric = AmodalMIoU(num_categories=len(self.class_names))
+        self.test_metric = AmodalMIoU(num_categories=len(self.class_names))
 
     @abstractmethod
     def predict_amodal(self, batch: dict) -> torch.Tensor:
@@ -178,7 +181,7 @@ class AmodalStage(L.LightningModule, ABC):
         self.log(f"{prefix}/miou", res["miou"], sync_dist=False)
         self.log(f"{prefix}/miou_occ", res["miou_occ"], sync_dist=False)
         self.log(f"{prefix}/iou_dataset", res["iou_dataset"], sync_dist=False)
-        for name, value in zip(CATEGORIES, res["per_category"]):
+        for name, value in zip(self.class_names, res["per_category"]):
             if torch.isfinite(value):
                 self.log(f"{prefix}_category/{name}", value, sync_dist=False)
         metric.reset()

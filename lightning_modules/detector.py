@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import class_names
 from amodal3d.lightning_modules.common import SPLITS, as_config, build_optimizer, with_schema_defaults
 from amodal3d.metrics.detection import DetectionAP
 from amodal3d.models.maskrcnn import DetectorModelConfig, boxes_in_image, build_maskrcnn
@@ -53,9 +53,16 @@ class DetectorStage(L.LightningModule, ABC):
         self.cfg = cfg
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.m = cfg.model
-        self.net = build_maskrcnn(self.m, num_classes=len(CATEGORIES) + 1, image_size=int(cfg.data.image_size),
+        # the dataset's category table (hparams cfg.data.class_names): labels are its index + 1
+        self.class_names = class_names(cfg)
+        self.net = build_maskrcnn(self.m, num_classes=self.num_classes, image_size=int(cfg.data.image_size),
                                   mask_branch=self.mask_branch())
         self.eval_metrics = nn.ModuleDict({s: nn.ModuleDict(self.eval_metric_factories()) for s in SPLITS})
+
+    @property
+    def num_classes(self) -> int:
+        """The detector's classes: the table's categories and the background (label 0)."""
+        return len(self.class_names) + 1
 
     # -- what a stage defines ---------------------------------------------------------------
     @abstractmethod
@@ -170,5 +177,6 @@ def ap_inputs(outputs: list[dict], targets: list[dict], pred_key: str, gt_key: s
     return preds, gts
 
 
-def ap_metric(kind: str) -> DetectionAP:
-    return DetectionAP(len(CATEGORIES), iou_type="segm" if kind == "masks" else "bbox")
+def ap_metric(kind: str, num_categories: int) -> DetectionAP:
+    """COCO AP over the `num_categories` categories of the table scored (masks or boxes)."""
+    return DetectionAP(num_categories, iou_type="segm" if kind == "masks" else "bbox")

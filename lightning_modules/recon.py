@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
-from amodal3d.categories import CATEGORIES
 from amodal3d.errors import ConfigError
 from amodal3d.protocols import gives_amodal_box, monitor_unknown, protocol_of, unknown_pixels
 from amodal3d.datamodules.true_meshes import TrueMeshes
@@ -88,13 +87,13 @@ class ReconStage(AmodalStage):
         self.protocol = protocol_of(cfg)
         # the cycle's renders are framed as the loader frames an unoccluded object under the protocol
         self.crop_margin = synthetic_crop_margin(cfg)
-        self.net = ReconNet(m, num_categories=len(CATEGORIES), crop_size=int(cfg.loader.crop_size),
+        self.net = ReconNet(m, num_categories=len(self.class_names), crop_size=int(cfg.loader.crop_size),
                             protocol=self.protocol)
         self.regularisers = MeshRegularisers(self.net.faces, self.net.decoder.num_verts)
         self.el_range = tuple(float(v) for v in m.elevation_range)
         self.dist_range = tuple(float(v) for v in m.distance_range)
         # cameras: per instance category, az/el/dist predicted and true, chamfer (NaN: no true mesh), same views
-        self.add_eval_metrics(visible_iou=MeanMetric, cameras=lambda: CameraError(len(CATEGORIES)))
+        self.add_eval_metrics(visible_iou=MeanMetric, cameras=lambda: CameraError(len(self.class_names)))
         self._last: dict | None = None
         self._true_meshes = None
 

@@ -44,14 +44,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import CATEGORIES, check_class_names, class_names
 from amodal3d.errors import ConfigError
 from amodal3d.protocols import gives_amodal_box, protocol_of
-from amodal3d.lightning_modules.checkpoints import checkpoint_model_config, dependency, optional_dependency
+from amodal3d.lightning_modules.checkpoints import (
+    checkpoint_class_names, checkpoint_model_config, dependency, optional_dependency,
+)
 from amodal3d.lightning_modules.common import AmodalStage
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.models.refine_net import GATES, RefineNet, region_losses
-from amodal3d.models.shape_prior import ReconShapePrior, RenderShapePrior, ShapePrior, recon_net_from_spec
+from amodal3d.models.shape_prior import (
+    ReconShapePrior, RenderShapePrior, ShapePrior, recon_net_from_spec, spec_class_names,
+)
 
 PRIOR_KINDS = ("auto", "render", "recon", "none")
 PRIOR_STAGES = ("recon", "viewpoint", "render")
@@ -110,6 +114,7 @@ def recon_prior(checkpoint: str | Path, render_size: int) -> tuple[ReconShapePri
     source = {
         "kind": "recon", "checkpoint": str(checkpoint), "model": checkpoint_model_config(checkpoint),
         "crop_size": int(net.crop_size), "protocol": net.protocol,
+        "class_names": list(checkpoint_class_names(checkpoint)),  # rebuilds its per-category templates
     }
     return ReconShapePrior(net, render_size), source
 
@@ -131,6 +136,7 @@ def build_prior(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
         render_ckpt = optional_dependency(cfg, "render", stage) if kind == "auto" else None
     if render_ckpt:
         shape = shape_prior_from_checkpoint(render_ckpt)
+        check_class_names(render_ckpt, spec_class_names(shape.spec["recon"]), class_names(cfg), str(cfg.data.root))
         checkpoints = {s: str(cfg.run.checkpoints[s]) for s in PRIOR_STAGES if cfg.run.checkpoints.get(s)}
         source = {"kind": "render", "experiment": prior_experiment(cfg), "checkpoints": checkpoints,
                   "spec": shape.spec}
@@ -143,6 +149,7 @@ def build_prior(cfg: DictConfig) -> tuple[nn.Module | None, dict]:
     if int(source["crop_size"]) != int(cfg.loader.crop_size):
         raise ConfigError(f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {ckpt} was trained with "
                          f"crop_size={source['crop_size']}: use loader.crop_size={source['crop_size']}")
+    check_class_names(ckpt, spec_class_names(source), class_names(cfg), str(cfg.data.root))
     return prior, source
 
 
@@ -222,12 +229,13 @@ class RefineStage(AmodalStage):
         self.save_hyperparameters({"cfg": OmegaConf.to_container(self.cfg, resolve=True), "prior_source": source})
         self.set_prior_trainable({})
         self.camera_source = "predicted"
-        self.register_buffer("true_camera_map", identity_camera_map(), persistent=False)
+        self.register_buffer("true_camera_map", identity_camera_map(len(self.class_names)), persistent=False)
         self._cache: dict[str, dict[int, torch.Tensor]] = {}
         self._last_coarse: torch.Tensor | None = None
         from amodal3d.metrics.amodal_iou import AmodalMIoU
 
-        self.add_eval_metrics(coarse_miou=lambda: AmodalMIoU(num_categories=len(CATEGORIES)))  # the prior's own mask
+        # the prior's own mask
+        self.add_eval_metrics(coarse_miou=lambda: AmodalMIoU(num_categories=len(self.class_names)))
 
     # -- the prior ------------------------------------------------------------------------
     def prior_stage_modules(self) -> dict[str, nn.Module]:
@@ -369,9 +377,9 @@ class RefineStage(AmodalStage):
 # ----------------------------------------------------------------------------- true camera (evaluation only)
 
 
-def identity_camera_map() -> torch.Tensor:
-    """(C,4) per category: azimuth sign, azimuth offset, elevation offset, distance offset."""
-    out = torch.zeros(len(CATEGORIES), 4)
+def identity_camera_map(num_categories: int = len(CATEGORIES)) -> torch.Tensor:
+    """(C,4) per category of the table: azimuth sign, azimuth offset, elevation offset, distance offset."""
+    out = torch.zeros(int(num_categories), 4)
     out[:, 0] = 1.0
     return out
 

@@ -34,7 +34,6 @@ import torch
 from omegaconf import DictConfig
 from torchmetrics.aggregation import MeanMetric
 
-from amodal3d.categories import CATEGORIES
 from amodal3d.errors import ConfigError
 from amodal3d.protocols import monitor_unknown, unknown_pixels
 from amodal3d.lightning_modules.checkpoints import dependency, optional_dependency
@@ -182,7 +181,8 @@ class RenderStage(AmodalStage):
         from amodal3d.metrics.amodal_iou import AmodalMIoU
 
         # recon_render: recon's own rendering (its camera, single-scale fit), the row this stage improves on
-        self.add_eval_metrics(visible_iou=MeanMetric, recon_render=lambda: AmodalMIoU(num_categories=len(CATEGORIES)))
+        self.add_eval_metrics(visible_iou=MeanMetric,
+                              recon_render=lambda: AmodalMIoU(num_categories=len(self.class_names)))
         self._last: dict | None = None
 
     # -- training -------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics.aggregation import CatMetric, MeanMetric
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import check_class_names, class_names
 from amodal3d.errors import ConfigError
 from amodal3d.protocols import LEGACY_PROTOCOL, gives_amodal_box, monitor_unknown, protocol_of
 from amodal3d.lightning_modules.checkpoints import checkpoint_hparams, dependency, read_checkpoint
@@ -54,7 +54,7 @@ from amodal3d.models.mesh_renderer import centred_box_ndc, mask_boxes
 from amodal3d.models.occlusion_synth import OccluderParams, synth_occluders
 from amodal3d.models.recon_losses import camera_loss, sample_cameras, visible_iou
 from amodal3d.models.recon_net import ReconNet
-from amodal3d.models.shape_prior import freeze_, recon_net_from_spec
+from amodal3d.models.shape_prior import freeze_, recon_net_from_spec, spec_class_names
 from amodal3d.models.viewpoint_net import ViewpointNet, estimator_camera
 
 
@@ -91,12 +91,14 @@ def load_recon_dependency(checkpoint: str | Path) -> tuple[ReconNet, dict]:
         "crop_size": int(cfg["loader"]["crop_size"]),
         "crop_margin": float(cfg["loader"]["crop_margin"]),
         "protocol": protocol_of(cfg),
+        "class_names": list(class_names(as_config(cfg))),  # what its per-category parameters are sized by
     }
     return net, spec
 
 
 def check_crop_geometry(cfg: DictConfig, recon_spec: dict) -> None:
-    """A frozen recon only places meshes correctly in crops built like its own."""
+    """A frozen recon only places meshes correctly in crops built like its own, and only knows
+    the categories of the table it was trained on."""
     if protocol_of(cfg) != recon_spec.get("protocol", LEGACY_PROTOCOL):
         raise ValueError(
             f"protocol={protocol_of(cfg)} but the recon checkpoint {recon_spec['checkpoint']} was trained under "
@@ -108,6 +110,8 @@ def check_crop_geometry(cfg: DictConfig, recon_spec: dict) -> None:
             f"loader.crop_size={cfg.loader.crop_size} but the recon checkpoint {recon_spec['checkpoint']} was "
             f"trained with crop_size={recon_spec['crop_size']}: use loader.crop_size={recon_spec['crop_size']}"
         )
+    check_class_names(recon_spec.get("checkpoint", "the recon checkpoint"), spec_class_names(recon_spec),
+                      class_names(cfg), str(cfg.data.root))
 
 
 # -- the estimator -----------------------------------------------------------------------------
@@ -182,7 +186,8 @@ class ViewpointStage(AmodalStage):
         if int(m.hypotheses) < 0:
             raise ConfigError(f"model.hypotheses={m.hypotheses}: expected K >= 1, or 0 for recon's K")
         k = int(m.hypotheses) or head.k
-        self.net = ViewpointNet(m.backbone, int(m.feat_dim), k, head.el_range, head.dist_range)
+        self.net = ViewpointNet(m.backbone, int(m.feat_dim), k, head.el_range, head.dist_range,
+                                num_categories=len(self.class_names))
         if fresh and bool(m.init_from_recon):
             deps["initialised_from_recon"] = self.net.init_from(self.recon)
         self.save_hyperparameters({"deps": deps})
@@ -278,7 +283,8 @@ class ViewpointStage(AmodalStage):
         nan = torch.full_like(rows[:, :1], float("nan"))
         out = {}
         for source, cols in (("viewpoint", slice(1, 4)), ("recon", slice(4, 7))):
-            errs = camera_errors(torch.cat([rows[:, :1], rows[:, cols], rows[:, 7:10], nan], dim=1), len(CATEGORIES))
+            errs = camera_errors(torch.cat([rows[:, :1], rows[:, cols], rows[:, 7:10], nan], dim=1),
+                                 len(self.class_names))
             for k, v in errs.items():
                 out[f"{split}/az_err_{source}" if k == "az_err_aligned" else f"{split}/{k}_{source}"] = v
         return out

@@ -21,7 +21,8 @@ class VisibleStage(DetectorStage):
         return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["masks"]}
 
     def eval_metric_factories(self) -> dict:
-        return {"visible_mask": ap_metric("masks"), "amodal_box": ap_metric("boxes")}
+        n = len(self.class_names)
+        return {"visible_mask": ap_metric("masks", n), "amodal_box": ap_metric("boxes", n)}
 
     def update_eval(self, outputs, targets, metrics) -> None:
         metrics["visible_mask"].update(*ap_inputs(outputs, targets, "masks", "masks", "masks"))

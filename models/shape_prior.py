@@ -27,12 +27,19 @@ from amodal3d.models.recon_net import ReconModelConfig, ReconNet
 from amodal3d.models.viewpoint_net import ViewpointNet, estimator_camera
 
 
+def spec_class_names(spec: dict) -> tuple[str, ...]:
+    """The category table a recon dependency spec was trained on (recorded from its checkpoint's
+    cfg; a spec written before the key: the 13 ShapeNet categories). Its per-category templates,
+    embeddings and placement rows are sized by it."""
+    return tuple(str(n) for n in (spec.get("class_names") or ())) or CATEGORIES
+
+
 def recon_net_from_spec(spec: dict) -> ReconNet:
-    """An (untrained) ReconNet of a recon dependency spec {"model": ..., "crop_size": ...};
-    keys recon added since the spec was written take recon's defaults, keys it dropped
-    are carried along unread."""
+    """An (untrained) ReconNet of a recon dependency spec {"model": ..., "crop_size": ...,
+    "class_names": ...}; keys recon added since the spec was written take recon's defaults,
+    keys it dropped are carried along unread."""
     model = OmegaConf.merge(OmegaConf.create(asdict(ReconModelConfig())), spec["model"])
-    return ReconNet(model, num_categories=len(CATEGORIES), crop_size=int(spec["crop_size"]),
+    return ReconNet(model, num_categories=len(spec_class_names(spec)), crop_size=int(spec["crop_size"]),
                     protocol=spec.get("protocol", LEGACY_PROTOCOL))
 
 
@@ -66,7 +73,7 @@ class ShapePrior(nn.Module):
                           if spec["camera_source"] == "viewpoint" else None)
         p = spec["placement"]
         self.placement = PlacementHead(
-            self.recon.encoder.feat_dim, len(CATEGORIES), geometry_dim=2, hidden=int(p["hidden"]),
+            self.recon.encoder.feat_dim, len(spec_class_names(spec["recon"])), geometry_dim=2, hidden=int(p["hidden"]),
             max_log_scale=float(p["max_log_scale"]), max_shift=float(p["max_shift"]),
         )
         self.fit = spec["fit"]

@@ -32,6 +32,7 @@ class ViewpointNet(nn.Module):
             "backbone": str(backbone), "feat_dim": int(feat_dim), "hypotheses": int(hypotheses),
             "elevation_range": [float(v) for v in elevation_range],
             "distance_range": [float(v) for v in distance_range],
+            "num_categories": int(num_categories),  # its category embedding: one row per category of the table
         }
         self.encoder = CropEncoder(backbone=str(backbone), in_chans=5, feat_dim=int(feat_dim),
                                    num_categories=num_categories)
@@ -41,7 +42,8 @@ class ViewpointNet(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict) -> "ViewpointNet":
         return cls(spec["backbone"], spec["feat_dim"], spec["hypotheses"],
-                   tuple(spec["elevation_range"]), tuple(spec["distance_range"]))
+                   tuple(spec["elevation_range"]), tuple(spec["distance_range"]),
+                   int(spec.get("num_categories", len(CATEGORIES))))  # specs from before the key: the 13
 
     @staticmethod
     def channels(visible: torch.Tensor, occluded: torch.Tensor) -> torch.Tensor:

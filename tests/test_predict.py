@@ -145,7 +145,7 @@ def test_crops_are_the_datamodules():
     assert np.array_equal(occ[0], vis[1]) and np.array_equal(occluder_masks(vis, "unknown"), ~vis)
     boxes = np.array([[11, 11, 29, 29], [37, 23, 51, 37]], np.float32)
     crops = make_crops(img, vis, occ, boxes, 32, 1.15)
-    sampler = _CropSampler(32, H, W)
+    sampler = _CropSampler(32)
     for i in range(2):
         rgb, (v, o) = crop_arrays(img, [vis[i], occ[i]], square_crop_box(boxes[i], 1.15), sampler)
         assert np.allclose(crops["rgb"][i].numpy(), rgb, atol=1e-5)

@@ -280,7 +280,7 @@ def test_schema_version_mismatch_names_manifest_and_versions(built):
     m = json.loads((built / MANIFEST).read_text())
     m["schema_version"] = 1
     (built / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(SchemaVersionError, match=r"manifest\.json.*version 1.*version 2"):
+    with pytest.raises(SchemaVersionError, match=r"manifest\.json.*version 1.*versions 2, 3"):
         SplitReader(built, "train")
     with pytest.raises(SchemaVersionError):
         validate_dataset(built)
@@ -332,3 +332,64 @@ def test_paste_build_and_validate(tmp_path):
         assert v.shape[0] == r.instance_range(i)[1] - r.instance_range(i)[0]
         assert (v.sum(0) <= 1).all(), "visible masks of one image are disjoint"
     assert validate_dataset(cfg.root)["ok"]
+
+
+def _downgrade_to_schema_2(root: Path) -> None:
+    """Rewrite a built dataset in the layout of schema 2 (square images, full-frame packed masks),
+    as datasets built before schema 3 lie on users' disks."""
+    from amodal3d.datamodules.shard_format import pack_masks
+
+    m = read_manifest(root)
+    for split in m["splits"]:
+        r = SplitReader(root, split, verify=False)
+        for k, rec in enumerate(m["splits"][split]["shards"]):
+            path = root / rec["file"]
+            with h5py.File(path, "r") as f:
+                keep = {n: f[n][()] for n in f if n not in ("image_hw", "mask_window", "mask_offsets")
+                        and not n.endswith("_bits")}
+                attrs = dict(f.attrs)
+            s = r.shards[k]
+            rows = range(s.inst_start, s.inst_start + int(rec["instances"]))
+            bits = {n: pack_masks(np.stack([r.instance_masks(i)[n] for i in rows])) for n in ("amodal", "visible", "occluder")}
+            r.close()
+            path.unlink()
+            with h5py.File(path, "w") as f:
+                for n, v in keep.items():
+                    f.create_dataset(n, data=v)
+                for n, v in bits.items():
+                    f.create_dataset(f"{n}_bits", data=v)
+                for a, v in attrs.items():
+                    f.attrs[a] = v
+                f.attrs["schema_version"] = 2
+            rec.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+            rec.pop("height", None), rec.pop("width", None)
+    m["schema_version"] = 2
+    m["generator"]["schema_version"] = 2
+    m.pop("image_height"), m.pop("image_width")
+    (root / MANIFEST).write_text(json.dumps(m))
+
+
+def test_a_schema_2_dataset_keeps_loading_and_is_not_rebuilt(tmp_path):
+    cfg = cfg_for(tmp_path / "v3")
+    build_dataset(cfg, progress=False, load_objects=fake_objects)
+    old = cfg_for(tmp_path / "v2")
+    build_dataset(old, progress=False, load_objects=fake_objects)
+    _downgrade_to_schema_2(tmp_path / "v2")
+    assert read_manifest(tmp_path / "v2")["schema_version"] == 2
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "v2").glob("*.h5")}
+    # the same config: the schema-2 dataset counts as built (no rebuild), and reads as before
+    assert build_dataset(old, progress=False, load_objects=fake_objects)["schema_version"] == 2
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "v2").glob("*.h5")}
+    assert validate_dataset(tmp_path / "v2")["ok"]
+    for split in ("train", "val", "test"):
+        a, b = SplitReader(tmp_path / "v3", split), SplitReader(tmp_path / "v2", split)
+        assert a.version == 3 and b.version == 2
+        for i in range(a.num_images):
+            np.testing.assert_array_equal(a.image(i), b.image(i))
+            ma, mb = a.image_masks(i), b.image_masks(i)
+            for n in ma:
+                np.testing.assert_array_equal(ma[n], mb[n])
+        for i in range(a.num_instances):
+            ma, mb = a.instance_masks(i), b.instance_masks(i)
+            for n in ma:
+                np.testing.assert_array_equal(ma[n], mb[n])

@@ -23,11 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.ops import masks_to_boxes
 
-from amodal3d.bench.evaluate import MethodEntry, discover_methods, load_method
+from amodal3d.bench.evaluate import (
+    MethodEntry, check_module_classes, dataset_class_names, discover_methods, load_method,
+)
 from amodal3d.bench.ours import OURS_TRUE_CAMERA
 from amodal3d.bench.reference import reference_modules
 from amodal3d.bench.table import NOT_TRAINED, MethodResult
-from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 from amodal3d.protocols import GT_VISIBLE
 
 DETECT = "detect"
@@ -63,11 +65,11 @@ class DetectResult:
 
 
 def detect_loader(cfg: DictConfig, split: str = "test"):
-    """Whole test images with their instances, in order (built first if missing)."""
-    from amodal3d.datamodules.build import ensure_dataset
+    """Whole test images with their instances, in order (built first if missing; its category
+    table set into cfg, dataset_class_names)."""
     from amodal3d.datamodules.images import DetectionDataModule
 
-    ensure_dataset(cfg.data)
+    dataset_class_names(cfg)
     dm = DetectionDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}))
     return dm.make_loader(dm.dataset(split), split)
 
@@ -100,14 +102,14 @@ def step1_crops(images: list[torch.Tensor], dets: list[dict], crop_size: int, ma
 
 
 class DetectScorer:
-    """The detect metrics of one row, fed image by image."""
+    """The detect metrics of one row, fed image by image, over the dataset's `num_categories`."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, num_categories: int) -> None:
         from amodal3d.lightning_modules.detector import ap_metric
         from amodal3d.metrics.detection import DetectionAmodalMIoU
 
-        self.miou = DetectionAmodalMIoU(len(CATEGORIES)).to(device)
-        self.ap = ap_metric("masks").to(device)
+        self.miou = DetectionAmodalMIoU(num_categories).to(device)
+        self.ap = ap_metric("masks", num_categories).to(device)
         self.seconds = 0.0
 
     def update(self, boxes, amodal, labels, scores, target) -> None:
@@ -138,6 +140,7 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
     from amodal3d.lightning_modules.registry import get_stage
     from amodal3d.runs import find_stage_checkpoint
 
+    names = dataset_class_names(cfg)  # before any module: the reference rows are built for the dataset's table
     crop_cfg = crop_config(cfg)
     entries = entries if entries is not None else discover_methods(str(cfg.experiment), str(cfg.run.root))
     unscored: list[MethodResult] = []
@@ -146,6 +149,8 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         step1 = get_stage(STEP1).module.load_from_checkpoint(str(step1_ckpt), map_location=device).to(device).eval()
     except FileNotFoundError:
         step1 = None
+    if step1 is not None:  # its labels feed every row's class: another table would mislabel them all
+        check_module_classes(step1, step1_ckpt, cfg)
     # rows fed by step 1 (references and crop methods of gt-visible), and the detectors
     fed: list[tuple[str, object, str]] = []
     detectors: list[tuple[str, object, str]] = []
@@ -160,8 +165,13 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
             except FileNotFoundError:
                 unscored.append(MethodResult(name=e.name, stage=e.stage, status=NOT_TRAINED))
                 continue
-            detectors.append((e.name, spec.module.load_from_checkpoint(str(ckpt), map_location=device).to(device).eval(),
-                              str(ckpt)))
+            detector = spec.module.load_from_checkpoint(str(ckpt), map_location=device).to(device).eval()
+            try:
+                check_module_classes(detector, ckpt, cfg)
+            except ConfigError as err:  # trained on another dataset's categories: this row fails, the others go on
+                unscored.append(MethodResult(name=e.name, stage=e.stage, status=f"error: {err}", checkpoint=str(ckpt)))
+                continue
+            detectors.append((e.name, detector, str(ckpt)))
             continue
         if e.status != "ok":
             unscored.append(MethodResult(name=e.name, stage=e.stage, status=e.status))
@@ -177,12 +187,13 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
             fed.append((e.name, load_method(e, device, crop_cfg), str(e.checkpoint or "")))
         except Exception as err:  # e.g. trained under gt-box: it needs a box step 1 does not give it
             unscored.append(MethodResult(name=e.name, stage=e.stage, status=f"error: {err}"))
-    scorers = {name: DetectScorer(device) for name, _, _ in fed + detectors}
+    scorers = {name: DetectScorer(device, len(names)) for name, _, _ in fed + detectors}
     step1_metrics = {}
     if step1 is not None:
         from amodal3d.lightning_modules.detector import ap_metric
 
-        step1_metrics = {"visible_mask": ap_metric("masks").to(device), "amodal_box": ap_metric("boxes").to(device)}
+        step1_metrics = {"visible_mask": ap_metric("masks", len(names)).to(device),
+                         "amodal_box": ap_metric("boxes", len(names)).to(device)}
     lc = cfg.loader
     n_images, step1_seconds = 0, 0.0
     for b, (images, targets) in enumerate(detect_loader(cfg)):

@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from amodal3d.categories import CATEGORIES
-
 
 def _rgb(img: torch.Tensor) -> np.ndarray:
     return (img.cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -26,15 +24,17 @@ def detection_sheet(cfg: DictConfig, device: torch.device, out_png: Path, images
 
     from amodal3d.atomic import save_png_atomic
     from amodal3d.bench.detect import STEP1, crop_config, detect_loader, step1_crops
-    from amodal3d.bench.evaluate import MethodEntry, load_method
+    from amodal3d.bench.evaluate import MethodEntry, check_module_classes, dataset_class_names, load_method
     from amodal3d.bench.ours import OURS, ours_rows
     from amodal3d.lightning_modules.registry import get_stage
     from amodal3d.predict.overlay import overlay_image
     from amodal3d.runs import find_stage_checkpoint
 
     exp, root = str(cfg.experiment), str(cfg.run.root)
+    names = dataset_class_names(cfg)  # the class labels drawn: the dataset's table, which step 1 must share
     step1_ckpt = find_stage_checkpoint(STEP1, exp, root)  # FileNotFoundError: nothing to draw
     step1 = get_stage(STEP1).module.load_from_checkpoint(str(step1_ckpt), map_location=device).to(device).eval()
+    check_module_classes(step1, step1_ckpt, cfg)
 
     rows = {r.name: r for r in ours_rows(exp, root)}
     ours = None
@@ -55,7 +55,7 @@ def detection_sheet(cfg: DictConfig, device: torch.device, out_png: Path, images
         crops, kept = step1_crops([img], [det], int(lc.crop_size), float(lc.visible_crop_margin))
         idx = kept[0]
         vis = (det["masks"][idx, 0] > 0.5).cpu().numpy()
-        labels = [f"{CATEGORIES[int(c) - 1]} {float(s):.2f}" for c, s in zip(det["labels"][idx], det["scores"][idx])]
+        labels = [f"{names[int(c) - 1]} {float(s):.2f}" for c, s in zip(det["labels"][idx], det["scores"][idx])]
         rgb = _rgb(img)
         if ours is not None and crops is not None:
             amodal = ours.image_prediction({k: v.to(device) for k, v in crops.items()})[1][:, 0] > 0.5
@@ -63,7 +63,7 @@ def detection_sheet(cfg: DictConfig, device: torch.device, out_png: Path, images
         else:
             amodal = vis
         gt_vis, gt_amo = t["masks"].bool().numpy(), t["eval_amodal_masks"].bool().numpy()
-        gt_labels = [CATEGORIES[int(c)] for c in t["category"]]
+        gt_labels = [names[int(c)] for c in t["category"]]
         cells = [overlay_image(rgb, [], []), overlay_image(rgb, list(vis), list(vis), labels=labels),
                  overlay_image(rgb, list(vis), list(amodal)), overlay_image(rgb, list(gt_vis), list(gt_amo),
                                                                             labels=gt_labels)]

@@ -19,7 +19,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 
 from amodal3d.bench.table import NEEDS_DETECT, NOT_TRAINED, MethodResult
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import check_class_names, class_names, resolve_class_names
 from amodal3d.config import REPO_ROOT
 from amodal3d.runs import best_checkpoint, find_stage_checkpoint
 from amodal3d.bench.reference import FLOOR, VisibleFloor, reference_modules
@@ -122,9 +122,25 @@ def discover_methods(experiment: str, root: str) -> list[MethodEntry]:
     return out
 
 
+def dataset_class_names(cfg: DictConfig) -> tuple[str, ...]:
+    """The category table of the dataset the bench scores (built first if missing), set into
+    cfg.data.class_names: the metric sizes, the table's columns and the checkpoint checks
+    of the bench all read it from there."""
+    from amodal3d.datamodules.build import ensure_dataset
+
+    return resolve_class_names(cfg, ensure_dataset(cfg.data))
+
+
+def check_module_classes(module, checkpoint, cfg: DictConfig) -> None:
+    """A module restored from `checkpoint` scores only the dataset of its own category table
+    (ConfigError naming both otherwise); cfg: the bench config, resolved (dataset_class_names)."""
+    check_class_names(checkpoint, class_names(module.cfg), class_names(cfg), str(cfg.data.root))
+
+
 def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None = None) -> AmodalStage:
     """The stage module of `entry` restored from its checkpoint (or built by its own
-    `load`), in eval mode on `device`."""
+    `load`), in eval mode on `device`. With the bench config `cfg`: refused (ConfigError) when
+    trained on another category table than cfg's dataset, or under another protocol."""
     from amodal3d.lightning_modules.registry import get_stage
 
     if entry.load is not None:
@@ -135,6 +151,9 @@ def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None
     if not isinstance(module, AmodalStage):
         raise TypeError(f"stage {entry.stage!r}: {type(module).__name__} is not an AmodalStage, "
                         "it cannot be scored per instance")
+    if cfg is not None:
+        dataset_class_names(cfg)
+        check_module_classes(module, entry.checkpoint or entry.name, cfg)
     if cfg is not None and protocol_of(module.cfg) != protocol_of(cfg):
         raise ValueError(f"{entry.name}: trained under protocol {protocol_of(module.cfg)}, benchmarked under "
                          f"{protocol_of(cfg)}; benchmark it with --protocol {protocol_of(module.cfg)}")
@@ -148,11 +167,10 @@ def floor_module(cfg: DictConfig, device: torch.device) -> VisibleFloor:
 
 def eval_loader(cfg: DictConfig, split: str = "test"):
     """A split's crop loader (in order, each instance once) of the config's dataset,
-    built first if missing."""
-    from amodal3d.datamodules.build import ensure_dataset
+    built first if missing (its category table set into cfg, dataset_class_names)."""
     from amodal3d.datamodules.crops import CropDataModule
 
-    ensure_dataset(cfg.data)
+    dataset_class_names(cfg)
     dm = CropDataModule(cfg.data, OmegaConf.merge(cfg.loader, {"persistent_workers": False}),
                         protocol=protocol_of(cfg))
     return dm.make_loader(dm.dataset(split), split)
@@ -160,10 +178,11 @@ def eval_loader(cfg: DictConfig, split: str = "test"):
 
 @torch.no_grad()
 def evaluate_module(module: AmodalStage, loader, device: torch.device, max_batches: int | None = None) -> dict:
-    """AmodalMIoU.compute() of `module` over `loader`, plus seconds and instances."""
+    """AmodalMIoU.compute() of `module` over `loader` (one row per category of the module's
+    table, which load_method checked is the dataset's), plus seconds and instances."""
     from amodal3d.metrics.amodal_iou import AmodalMIoU
 
-    metric = AmodalMIoU(num_categories=len(CATEGORIES)).to(device)
+    metric = AmodalMIoU(num_categories=len(class_names(module.cfg))).to(device)
     module.eval()
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from amodal3d.bench.evaluate import MethodEntry, relative_to_repo
+from amodal3d.bench.evaluate import MethodEntry, check_module_classes, dataset_class_names, relative_to_repo
 from amodal3d.bench.table import NEEDS_DETECT, NOT_TRAINED, MethodResult
-from amodal3d.categories import CATEGORIES
+from amodal3d.errors import ConfigError
 
 DEFAULT_EXPERIMENT = "default"
 GT_BOX_NOTE = ("gt-box, Mask R-CNN-family rows: the detector's RoI heads fed each test image's GT amodal boxes "
@@ -61,6 +61,7 @@ def gt_box_detector_rows(cfg: DictConfig, entries: list[MethodEntry], device: to
 
     rows: dict[str, MethodResult] = {}
     models = []
+    names = dataset_class_names(cfg)
     for e in entries:
         if e.status != NEEDS_DETECT:
             continue
@@ -69,7 +70,13 @@ def gt_box_detector_rows(cfg: DictConfig, entries: list[MethodEntry], device: to
             rows[e.name] = MethodResult(name=e.name, stage=e.stage, status=NOT_TRAINED)
             continue
         module = get_stage(e.stage).module.load_from_checkpoint(str(ckpt), map_location=device).to(device).eval()
-        models.append((e, module, ckpt, AmodalMIoU(len(CATEGORIES)).to(device), [0.0]))
+        try:
+            check_module_classes(module, ckpt, cfg)
+        except ConfigError as err:  # trained on another dataset's categories: this row fails, the others go on
+            rows[e.name] = MethodResult(name=e.name, stage=e.stage, status=f"error: {err}",
+                                        checkpoint=relative_to_repo(ckpt))
+            continue
+        models.append((e, module, ckpt, AmodalMIoU(len(names)).to(device), [0.0]))
     if not models:
         return rows
     for b, (images, targets) in enumerate(detect_loader(cfg)):

@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image, ImageDraw
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import class_names
 from amodal3d.predict.overlay import mask_outline
 from amodal3d.atomic import save_png_atomic
 from amodal3d.datamodules.sheet_composites import overlay
@@ -32,7 +32,9 @@ def _mask(x: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def hardest_instances(module, loader, device: torch.device, per_category: int = 3,
                       max_batches: int | None = None) -> dict[str, list[dict]]:
-    """{category: [{iou, rgb, visible, occluded, amodal, pred} ...]} lowest IoU first."""
+    """{category: [{iou, rgb, visible, occluded, amodal, pred} ...]} lowest IoU first (categories
+    named by the module's table, which the bench checked is the dataset's)."""
+    names = class_names(module.cfg)
     module.eval()
     kept: dict[int, list[dict]] = {}
     for b, batch in enumerate(loader):
@@ -54,7 +56,7 @@ def hardest_instances(module, loader, device: torch.device, per_category: int = 
             })
             cases.sort(key=lambda d: d["iou"])
             del cases[per_category:]
-    return {CATEGORIES[c]: kept[c] for c in sorted(kept)}
+    return {names[c]: kept[c] for c in sorted(kept)}
 
 
 def _prediction_overlay(case: dict) -> np.ndarray:

@@ -45,7 +45,7 @@ def _in_memory_rate(dm: CropDataModule, split: str, n_items: int, batch_size: in
     occ = np.stack([m["occluder"] for m in masks])
     amo = np.stack([m["amodal"] for m in masks])
     boxes = protocol_crop_boxes(idx, ds.protocol, ds.crop_margin, ds.visible_crop_margin)[rows]
-    sampler = _CropSampler(ds.crop_size, r.height, r.width)
+    sampler = _CropSampler(ds.crop_size)
     c0, t0 = _cpu_seconds(), time.perf_counter()
     for lo in range(0, len(rows), batch_size):
         items = []
@@ -141,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="train")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    from amodal3d.bench.evaluate import dataset_class_names
     from amodal3d.config import load_config
-    from amodal3d.datamodules.build import ensure_dataset
 
     cfg = load_config(None, args.exp, args.overrides)
-    ensure_dataset(cfg.data)
+    dataset_class_names(cfg)  # built first if missing; the config then says which categories it holds
     print(markdown(bench_loader(cfg.data, cfg.loader, workers=(0, 2), batches=args.batches, split=args.split)))
     return 0
 

@@ -24,7 +24,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image, ImageDraw
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import CATEGORIES, class_names
 from amodal3d.atomic import save_png_atomic
 
 _GREY = np.array([0.72, 0.72, 0.75], np.float32)
@@ -44,13 +44,14 @@ def constant_camera_rows(rows: torch.Tensor, elevation: float, distance: float) 
     return out
 
 
-def split_errors(rows: torch.Tensor, offsets: dict) -> dict:
-    """camera_errors of rows (overall and per category) under the given offsets."""
+def split_errors(rows: torch.Tensor, offsets: dict, names: tuple[str, ...] = CATEGORIES) -> dict:
+    """camera_errors of rows (overall and per category of the table `names`) under the given offsets."""
     from amodal3d.metrics.camera import camera_errors
 
-    errors = {k: float(v) for k, v in camera_errors(rows, len(CATEGORIES), offsets).items()}
+    n = len(names)
+    errors = {k: float(v) for k, v in camera_errors(rows, n, offsets).items()}
     errors["per_category"] = {
-        CATEGORIES[c]: {k: float(v) for k, v in camera_errors(rows[rows[:, 0] == c], len(CATEGORIES), offsets).items()}
+        names[c]: {k: float(v) for k, v in camera_errors(rows[rows[:, 0] == c], n, offsets).items()}
         for c in sorted(set(rows[:, 0].long().tolist()))
     }
     errors["instances"] = int(len(rows))
@@ -70,10 +71,11 @@ def camera_report(stage, val_loader, test_loader, device: torch.device, true_mes
         return cases, {"instances": 0}
     head = stage.net.camera_head
     el, dist = 0.5 * sum(head.el_range), 0.5 * sum(head.dist_range)
-    errors = split_errors(test_rows, camera_offsets(val_rows, len(CATEGORIES)))
+    names = class_names(stage.cfg)
+    errors = split_errors(test_rows, camera_offsets(val_rows, len(names)), names)
     const_val = constant_camera_rows(val_rows, el, dist)
     errors["constant"] = split_errors(constant_camera_rows(test_rows, el, dist),
-                                      camera_offsets(const_val, len(CATEGORIES)))
+                                      camera_offsets(const_val, len(names)), names)
     errors["constant"]["camera"] = {"elevation": el, "distance": dist}
     errors["offsets_fitted_on"] = "val"
     return cases, errors
@@ -115,7 +117,8 @@ def collect_reconstructions(stage, loader, device: torch.device, per_category: i
                     "true_camera": true_cam[i].cpu().numpy(),
                 })
     rows_t = torch.cat(rows) if rows else torch.zeros(0, 8)
-    return {CATEGORIES[c]: v for c, v in sorted(found.items())}, rows_t
+    names = class_names(stage.cfg)
+    return {names[c]: v for c, v in sorted(found.items())}, rows_t
 
 
 def errors_markdown(errors: dict) -> str:

@@ -125,6 +125,7 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import evaluate_all
     from amodal3d.atomic import write_text_atomic
     from amodal3d.bench.table import results_markdown, write_results
+    from amodal3d.categories import class_names
 
     mds, failed = [], []
     for protocol, pcfg in protocol_configs(args):
@@ -149,8 +150,9 @@ def part_table(args, cfg, device, meta: dict, out: Path) -> str:
                 results = [r for r in results if r.name not in fed] + [r for r in fed.values() if r.ok] + \
                     [r for r in fed.values() if not r.ok]
                 extra.append(GT_BOX_NOTE)
-        md = results_markdown(results, pmeta, extra, appendix)
-        paths = write_results(out, results, pmeta, extra, appendix)
+        categories = class_names(pcfg)  # the scored dataset's table (set by the evaluation from its manifest)
+        md = results_markdown(results, pmeta, extra, appendix, categories)
+        paths = write_results(out, results, pmeta, extra, appendix, categories)
         print(md, flush=True)
         print(f"[bench] wrote {paths['markdown']}, {paths['csv']} and a TensorBoard text under {paths['tensorboard']}")
         mds.append(md)
@@ -224,6 +226,10 @@ def _predict_throughput(args, cfg, device) -> dict:
         module, ckpt = load_predictor(None, cfg.experiment, cfg.run.root, device)
     except FileNotFoundError as err:
         return {"status": f"not trained ({err})"}
+    from amodal3d.bench.evaluate import check_module_classes, dataset_class_names
+
+    dataset_class_names(cfg)
+    check_module_classes(module, ckpt, cfg)  # its inputs are the dataset's files, named by its categories
     res = predict_throughput(module, cfg.data.root, "test", max_images=args.predict_images, device=device)
     res.update(status="ok", checkpoint=str(ckpt))
     print(f"[bench] predict: {res['instances_per_s']:.1f} instances/s", flush=True)

@@ -180,9 +180,9 @@ def run_loader_bench(cfg) -> tuple[dict, str]:
     """The data loader's figures (amodal3d/bench/loader.py) for the bench config's dataset,
     and their markdown."""
     from amodal3d.bench import loader
-    from amodal3d.datamodules.build import ensure_dataset
+    from amodal3d.bench.evaluate import dataset_class_names
 
-    ensure_dataset(cfg.data)
+    dataset_class_names(cfg)  # built first if missing; the config then says which categories it holds
     report = loader.bench_loader(cfg.data, cfg.loader, workers=(0, 2))
     return report, loader.markdown(report)
 

@@ -10,15 +10,16 @@ from amodal3d.categories import CATEGORIES
 from amodal3d.lightning_modules.refine import RefineStage, identity_camera_map
 
 
-def fit_camera_map(category: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """(C,4) camera map minimising the mean azimuth error per category (1 degree grid,
-    both azimuth directions: the learned frame may be mirrored) plus the mean
-    elevation and distance differences. Categories without rows keep the identity."""
+def fit_camera_map(category: torch.Tensor, pred: torch.Tensor, true: torch.Tensor,
+                   num_categories: int = len(CATEGORIES)) -> torch.Tensor:
+    """(C,4) camera map, C the module's categories, minimising the mean azimuth error per
+    category (1 degree grid, both azimuth directions: the learned frame may be mirrored) plus
+    the mean elevation and distance differences. Categories without rows keep the identity."""
     from amodal3d.models.recon_losses import azimuth_difference
 
-    cmap = identity_camera_map().to(pred.dtype)
+    cmap = identity_camera_map(num_categories).to(pred.dtype)
     grid = torch.arange(360, dtype=pred.dtype)
-    for c in range(len(CATEGORIES)):
+    for c in range(int(num_categories)):
         sel = category.long().cpu() == c
         if not sel.any():
             continue
@@ -55,7 +56,7 @@ def calibrate_true_camera(
         cats.append(batch["category"].cpu())
     if not preds:
         raise ValueError("calibrate_true_camera: the loader is empty")
-    cmap = fit_camera_map(torch.cat(cats), torch.cat(preds), torch.cat(trues))
+    cmap = fit_camera_map(torch.cat(cats), torch.cat(preds), torch.cat(trues), len(module.class_names))
     module.true_camera_map = cmap.to(device)
     module.camera_source = "true"
     return cmap

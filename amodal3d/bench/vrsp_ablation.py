@@ -22,12 +22,15 @@ VARIANTS = ("VRSP (refined mask, rescored)", "refined mask, no rescoring", "coar
 def vrsp_variants(cfg, device: torch.device, split: str = "val",
                   max_batches: int | None = None) -> dict[str, DetectResult]:
     """{variant: its detect figures} on `split` of cfg's dataset."""
+    from amodal3d.bench.evaluate import check_module_classes, dataset_class_names
     from amodal3d.lightning_modules.baselines.vrsp import VrspStage
     from amodal3d.runs import find_stage_checkpoint
 
+    names = dataset_class_names(cfg)
     ckpt = find_stage_checkpoint("vrsp", str(cfg.experiment), str(cfg.run.root))
     module = VrspStage.load_from_checkpoint(str(ckpt), map_location=device).to(device).eval()
-    scorers = {name: DetectScorer(device) for name in VARIANTS}
+    check_module_classes(module, ckpt, cfg)
+    scorers = {name: DetectScorer(device, len(names)) for name in VARIANTS}
     for b, (images, targets) in enumerate(detect_loader(cfg, split)):
         if max_batches is not None and b >= max_batches:
             break

@@ -4,7 +4,9 @@ masks out (`make predict`).
 Inputs (one or more paths):
   * an image file (PNG/JPEG) `<dir>/<name>.png`, its instances' visible masks in the
     folder `<dir>/<name>/`, one PNG per instance named `<category>[_<anything>].png`
-    (category: one of amodal3d.categories.CATEGORIES or its ShapeNet synset id;
+    (category: one of the model's categories, its checkpoint's cfg.data.class_names, by
+    name, case-insensitive, a space matching a '_' (the longest start of the file name that
+    names one); for a model of the 13 ShapeNet categories also a synset id;
     a mask of two values, 0 and one other (0/1 label masks, 0/255), is "non-zero = on";
     a mask of more grey levels is thresholded at half its range);
   * an image file without a mask folder: step 1 (the `visible` stage, amodal3d.predict.detect)
@@ -12,7 +14,8 @@ Inputs (one or more paths):
     an image with no detection is listed with no annotation;
   * a folder: every PNG/JPEG directly inside it, each with its mask folder or without;
   * a COCO-style JSON: `images` (id, file_name relative to the JSON's folder, optional
-    width/height), `categories` (id, name) and `annotations` (image_id, category_id,
+    width/height), `categories` (id, name: mapped by name onto the model's categories) and
+    `annotations` (image_id, category_id,
     `segmentation` = the visible mask as RLE or polygons, optional `amodal_bbox`
     [x, y, w, h]).
 Each instance is cropped exactly like the DataModule crops it under the protocol the

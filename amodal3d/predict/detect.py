@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import class_names
 from amodal3d.errors import CheckpointError, MissingCheckpointError
 from amodal3d.predict.inputs import InstanceInput
 
@@ -48,7 +48,10 @@ def load_step1(checkpoint: str | Path | None, experiment: str, root: str, device
 @torch.no_grad()
 def detected_instances(step1, rgb: np.ndarray, source: str, device: torch.device,
                        min_score: float = MIN_SCORE) -> list[InstanceInput]:
-    """Step 1's detections of one uint8 (H,W,3) image as predict instances, highest score first."""
+    """Step 1's detections of one uint8 (H,W,3) image as predict instances, highest score first;
+    each one's category is named by step 1's own table (its checkpoint's class names), which
+    predict maps by name onto the amodal model's."""
+    names = class_names(step1.cfg)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255.0).to(device)
     det = step1.detect([image])[0]
     out = []
@@ -57,7 +60,7 @@ def detected_instances(step1, rgb: np.ndarray, source: str, device: torch.device
         mask = (det["masks"][j, 0] > 0.5).cpu().numpy()
         if score < min_score or not mask.any():
             continue
-        cat = CATEGORIES[max(int(det["labels"][j]) - 1, 0)]
+        cat = names[max(int(det["labels"][j]) - 1, 0)]
         x0, y0, x1, y1 = (float(v) for v in det["boxes"][j])
         out.append(InstanceInput(name=f"{len(out)}_{cat}", source=f"detection {j} of {source}", category=cat,
                                  mask=mask, score=score, amodal_bbox=[x0, y0, x1 - x0, y1 - y0]))

@@ -45,7 +45,9 @@ class InputSet:
     images: list[ImageInput]
     errors: list[dict]
     categories: list[dict]  # output categories: {"id", "name"}
-    category_of: dict  # input category (name or COCO id) -> CATEGORIES index (or an error string)
+    category_of: dict  # input COCO category id -> index in class_names (or an error string)
+    coco_categories: list[dict] | None = None  # a COCO input's own 'categories', mapped by bind_categories
+    class_names: tuple[str, ...] = CATEGORIES  # the model's category table (bind_categories)
 
 
 def report_error(errors: list[dict], where: str, msg: str) -> None:
@@ -53,8 +55,59 @@ def report_error(errors: list[dict], where: str, msg: str) -> None:
     errors.append({"input": where, "error": msg})
 
 
-def _our_categories() -> list[dict]:
-    return [{"id": i + 1, "name": c} for i, c in enumerate(CATEGORIES)]
+def _our_categories(names=CATEGORIES) -> list[dict]:
+    return [{"id": i + 1, "name": c} for i, c in enumerate(names)]
+
+
+def _norm(name) -> str:
+    return str(name).strip().lower().replace(" ", "_")
+
+
+def table_index(name, names=CATEGORIES) -> int:
+    """Index of an input category in a model's category table: its name, case-insensitive, a
+    space matching a '_' (the 13 ShapeNet categories also by synset id, as before). ValueError
+    naming the unknown category and listing the table's."""
+    names = tuple(names)
+    if names == CATEGORIES:
+        return category_index(str(name).strip().lower())
+    key = _norm(name)
+    for i, n in enumerate(names):
+        if _norm(n) == key:
+            return i
+    raise ValueError(f"unknown category {str(name).strip()!r}: this model's categories are {', '.join(names)}")
+
+
+def _file_category(stem: str, names: tuple[str, ...]) -> int:
+    """Index of a mask file's category: the longest start of its stem, cut at a '_', that names a
+    category of the table (a name may hold '_' itself: traffic_light_2.png); ValueError naming
+    the part up to the first '_' otherwise."""
+    parts = stem.split("_")
+    for k in range(len(parts), 0, -1):
+        try:
+            return table_index("_".join(parts[:k]), names)
+        except ValueError:
+            continue
+    return table_index(parts[0], names)  # raises, naming it
+
+
+def bind_categories(inputs: InputSet, names) -> InputSet:
+    """Map the inputs' categories onto the model's category table `names` (its checkpoint's
+    class names): the output categories of a folder input are the table's (id = index + 1); a
+    COCO input keeps its own ids, each mapped by name (an unknown one is an error string, reported
+    on each instance that uses it)."""
+    inputs.class_names = tuple(names)
+    if inputs.coco_categories is None:
+        inputs.categories = _our_categories(inputs.class_names)
+        return inputs
+    inputs.categories = [{"id": c.get("id"), "name": c.get("name")} for c in inputs.coco_categories]
+    category_of = {}
+    for c in inputs.coco_categories:
+        try:
+            category_of[c["id"]] = table_index(str(c["name"]).strip().lower(), inputs.class_names)
+        except (KeyError, ValueError) as err:
+            category_of[c.get("id")] = f"category {c.get('name')!r} (id {c.get('id')}): {err}"
+    inputs.category_of = category_of
+    return inputs
 
 
 def _folder_instances(image: Path) -> list[InstanceInput]:
@@ -82,8 +135,9 @@ def read_folder_inputs(images: list[Path], errors: list[dict], first_id: int = 1
     return out
 
 
-def read_coco_inputs(path: Path, errors: list[dict]) -> tuple[list[ImageInput], list[dict], dict]:
-    """Images, output categories and the category map of a COCO-style JSON."""
+def read_coco_inputs(path: Path, errors: list[dict]) -> tuple[list[ImageInput], list[dict]]:
+    """Images and the categories (output categories too) of a COCO-style JSON; the categories
+    are mapped onto the model's table by bind_categories, once the model is known."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -91,13 +145,7 @@ def read_coco_inputs(path: Path, errors: list[dict]) -> tuple[list[ImageInput], 
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise InputError(f"{path}: a COCO JSON needs a list under {key!r}")
-    cats, category_of = [], {}
-    for c in data["categories"]:
-        try:
-            category_of[c["id"]] = category_index(str(c["name"]).strip().lower())
-        except (KeyError, ValueError) as err:
-            category_of[c.get("id")] = f"category {c.get('name')!r} (id {c.get('id')}): {err}"
-        cats.append({"id": c.get("id"), "name": c.get("name")})
+    cats = list(data["categories"])
     images: dict = {}
     for im in data["images"]:
         if "id" not in im or "file_name" not in im:
@@ -118,15 +166,17 @@ def read_coco_inputs(path: Path, errors: list[dict]) -> tuple[list[ImageInput], 
         img.instances.append(InstanceInput(
             name=f"{aid}", source=where, category=ann.get("category_id"), segmentation=ann["segmentation"],
             ann_id=aid, amodal_bbox=ann.get("amodal_bbox")))
-    return list(images.values()), cats, category_of
+    return list(images.values()), cats
 
 
-def collect_inputs(inputs) -> InputSet:
-    """Every image and instance named by `inputs` (paths; formats: amodal3d.predict)."""
+def collect_inputs(inputs, class_names=CATEGORIES) -> InputSet:
+    """Every image and instance named by `inputs` (paths; formats: amodal3d.predict), their
+    categories mapped onto `class_names` (the model's table; bind_categories maps them again
+    once the model is loaded)."""
     paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     errors: list[dict] = []
     images: list[ImageInput] = []
-    categories, category_of = _our_categories(), {}
+    coco_categories = None
     coco_seen = False
     for p in paths:
         if not p.exists():
@@ -136,7 +186,7 @@ def collect_inputs(inputs) -> InputSet:
                 raise InputError(f"{p}: give at most one COCO JSON per call (their ids would collide)")
             coco_seen = True
             try:
-                imgs, categories, category_of = read_coco_inputs(p, errors)
+                imgs, coco_categories = read_coco_inputs(p, errors)
             except InputError as err:
                 report_error(errors, str(p), str(err))
                 continue
@@ -159,7 +209,7 @@ def collect_inputs(inputs) -> InputSet:
             key = f"{key}_{im.image_id}"
         used.add(key)
         im.key = key
-    return InputSet(images, errors, categories, category_of)
+    return bind_categories(InputSet(images, errors, [], {}, coco_categories), class_names)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -232,12 +282,19 @@ def instance_mask(inst: InstanceInput, h: int, w: int) -> np.ndarray:
 
 
 def resolve_category(inst: InstanceInput, inputs: InputSet) -> int:
-    """CATEGORIES index of an instance: its file-name category, or its COCO category id."""
+    """Index in the model's table (inputs.class_names) of an instance: its file-name category (a
+    detection's: step 1's class name), or its COCO category id."""
     if inst.ann_id is None:
+        names = inputs.class_names
+        by_prefix = inst.mask_path is not None and names != CATEGORIES
         try:
-            return category_index(str(inst.category).strip().lower())
+            if by_prefix:
+                return _file_category(inst.mask_path.stem, names)
+            return table_index(inst.category, names)
         except ValueError as err:
-            raise InputError(f"{err} (the category is the mask file name up to the first '_')") from None
+            rule = ("the longest start of the mask file name, cut at a '_', that names one" if by_prefix
+                    else "the mask file name up to the first '_'")
+            raise InputError(f"{err} (the category is {rule})") from None
     cat = inputs.category_of.get(inst.category)
     if cat is None:
         raise InputError(f"unknown category id {inst.category!r}: not in the JSON's 'categories'")

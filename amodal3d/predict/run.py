@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import class_names
 from amodal3d.predict.crops import OCCLUDER_MODES, make_crops, occluder_masks
 from amodal3d.predict.detect import MIN_SCORE
 from amodal3d.predict.inputs import (
-    ImageInput, InputError, InputSet, InstanceInput, collect_inputs, instance_mask, read_rgb, report_error,
-    resolve_category,
+    ImageInput, InputError, InputSet, InstanceInput, bind_categories, collect_inputs, instance_mask, read_rgb,
+    report_error, resolve_category,
 )
 from amodal3d.predict.outputs import JSON_NAME, boxes_xywh, encode_rle, save_png, write_json
 from amodal3d.predict.overlay import overlay_image
@@ -75,7 +75,7 @@ class _Prepared:
     rgb: np.ndarray
     instances: list[InstanceInput]
     visible: np.ndarray  # (n,H,W) bool
-    category: np.ndarray  # (n,) CATEGORIES index
+    category: np.ndarray  # (n,) index in the model's category table
     crops: dict
     meshes: tuple | None = None  # (verts (n,V,3), cameras (n,3)) with --meshes
 
@@ -176,7 +176,9 @@ def _write_mesh(path: Path, verts: torch.Tensor, faces: torch.Tensor) -> None:
 
 
 def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict], images: list[dict],
-            faces: torch.Tensor | None = None) -> None:
+            names: tuple[str, ...], faces: torch.Tensor | None = None) -> None:
+    """Write one image's masks and overlay and add its annotations; `names`: the model's category
+    table (its checkpoint's class names), what `category` and the overlay labels say."""
     from amodal3d.datamodules.crops import paste_crop_to_image
 
     h, w = p.rgb.shape[:2]
@@ -191,7 +193,7 @@ def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict]
             "id": inst.ann_id if inst.ann_id is not None else len(anns) + 1,
             "image_id": p.image.image_id,
             "category_id": inst.category if inst.ann_id is not None else int(cat) + 1,
-            "category": CATEGORIES[int(cat)],
+            "category": names[int(cat)],
             "segmentation": encode_rle(a), "area": int(a.sum()), "bbox": bbox,
             "visible_area": int(v.sum()), "iscrowd": 0, "score": inst.score,
             "mask_file": str(rel), "input": inst.source,
@@ -203,7 +205,7 @@ def _finish(p: _Prepared, prob: torch.Tensor | None, out: Path, anns: list[dict]
             _write_mesh(out / mesh_rel, p.meshes[0][j], faces)
             az, el, dist = (float(x) for x in p.meshes[1][j])
             anns[-1].update(mesh_file=str(mesh_rel), camera={"azimuth": az, "elevation": el, "distance": dist})
-    labels = [f"{CATEGORIES[int(c)]} {inst.score:.2f}" for inst, c in zip(p.instances, p.category)] \
+    labels = [f"{names[int(c)]} {inst.score:.2f}" for inst, c in zip(p.instances, p.category)] \
         if p.image.detect else None
     save_png(overlay_image(p.rgb, list(p.visible), list(amodal), labels=labels),
              out / "overlays" / f"{p.image.key}.png")
@@ -263,6 +265,8 @@ def predict_files(
         module, path = load_predictor(checkpoint, experiment, root, device)
         ckpt_name = str(path)
     module = module.to(device).eval()
+    names = class_names(module.cfg)  # outputs and labels say the checkpoint's categories
+    bind_categories(inputs, names)
     faces = None
     if meshes:
         if getattr(module, "prior", None) is None:
@@ -287,13 +291,13 @@ def predict_files(
     def flush() -> None:
         if chunk:
             for p, prob in zip(chunk, _run_model(module, chunk, batch_size, device, meshes)):
-                _finish(p, prob, out, anns, images, faces)
+                _finish(p, prob, out, anns, images, names, faces)
             chunk.clear()
 
     for img in inputs.images:
         p = _prepare(img, inputs, crop_size, margin, occluder, amodal_boxes=box_protocol, step1=step1, device=device)
         if p is not None and not p.instances:
-            _finish(p, None, out, anns, images)
+            _finish(p, None, out, anns, images, names)
         elif p is not None:
             chunk.append(p)
         if sum(len(c.instances) for c in chunk) >= batch_size:

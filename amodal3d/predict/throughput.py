@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import manifest_categories
 from amodal3d.predict.outputs import save_png
 from amodal3d.predict.run import predict_files
 
@@ -17,8 +17,10 @@ from amodal3d.predict.run import predict_files
 def export_folder_inputs(data_root: str | Path, split: str, out_dir: str | Path, max_images: int) -> int:
     """Write the first max_images images of a built dataset's split as folder inputs
     (image PNG + one visible-mask PNG per instance); returns the instance count."""
+    from amodal3d.datamodules.shard_format import read_manifest
     from amodal3d.datamodules.shard_reader import SplitReader
 
+    names = manifest_categories(read_manifest(data_root))  # what the shards' category field indexes
     reader = SplitReader(data_root, split, verify=False)
     out = Path(out_dir)
     cats = reader.index["category"]
@@ -28,7 +30,7 @@ def export_folder_inputs(data_root: str | Path, split: str, out_dir: str | Path,
         lo, hi = reader.instance_range(i)
         for j in range(lo, hi):
             vis = reader.instance_masks(j, ("visible",))["visible"]
-            save_png(vis.astype(np.uint8) * 255, out / f"img{i:05d}" / f"{CATEGORIES[int(cats[j])]}_{j - lo}.png")
+            save_png(vis.astype(np.uint8) * 255, out / f"img{i:05d}" / f"{names[int(cats[j])]}_{j - lo}.png")
             n += 1
     return n
 

@@ -24,7 +24,8 @@ def load_objects(data_cfg: Any, category: str, split: str) -> ObjectRenders:
     """Object renders of one category and split from the configured source."""
     source = data_cfg.source
     if source not in SOURCES:
-        raise ValueError(f"unknown object source data.source={source!r}; valid sources: {', '.join(SOURCES)}")
+        raise ValueError(f"unknown object source data.source={source!r}; valid sources: {', '.join(SOURCES)} "
+                         "(objects, composited) or kins, kins2020, cocoa, coco_amodal (annotated datasets, imported)")
     module, func = SOURCES[source].split(":")
     return getattr(importlib.import_module(module), func)(data_cfg, category, split)
 

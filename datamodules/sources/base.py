@@ -242,7 +242,8 @@ def count_objects(data_cfg: Any, category: str, split: str) -> int:
 
     source = config_value(data_cfg, "source", "")
     if source not in SOURCES:
-        raise ValueError(f"unknown object source data.source={source!r}; valid sources: {', '.join(SOURCES)}")
+        raise ValueError(f"unknown object source data.source={source!r}; valid sources: {', '.join(SOURCES)} "
+                         "(objects, composited) or kins, kins2020, cocoa, coco_amodal (annotated datasets, imported)")
     if source not in OBJECT_COUNTERS:
         return resolve_request(data_cfg, category, split)[1]
     module, func = OBJECT_COUNTERS[source].split(":")

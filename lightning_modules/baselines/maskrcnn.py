@@ -8,7 +8,6 @@ to detections by amodal-box IoU >= 0.5; a missed instance scores 0).
 
 from __future__ import annotations
 
-from amodal3d.categories import CATEGORIES
 from amodal3d.lightning_modules.detector import DetectorStage, ap_inputs, ap_metric
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.metrics.detection import DetectionAmodalMIoU
@@ -20,7 +19,8 @@ class MaskRCNNStage(DetectorStage):
         return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["eval_amodal_masks"]}
 
     def eval_metric_factories(self) -> dict:
-        return {"amodal_mask": ap_metric("masks"), "detect": DetectionAmodalMIoU(len(CATEGORIES))}
+        n = len(self.class_names)
+        return {"amodal_mask": ap_metric("masks", n), "detect": DetectionAmodalMIoU(n)}
 
     def update_eval(self, outputs, targets, metrics) -> None:
         metrics["amodal_mask"].update(*ap_inputs(outputs, targets, "masks", "eval_amodal_masks", "masks"))

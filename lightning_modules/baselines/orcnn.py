@@ -9,7 +9,6 @@ and its amodal masks make its detect row.
 
 from __future__ import annotations
 
-from amodal3d.categories import CATEGORIES
 from amodal3d.lightning_modules.baselines.maskrcnn import MaskRCNNStage
 from amodal3d.lightning_modules.registry import StageSpec
 from amodal3d.models.maskrcnn import DetectorModelConfig, group_norm
@@ -24,7 +23,7 @@ class OrcnnStage(MaskRCNNStage):
 
     def mask_branch(self):
         m = self.m
-        classes = len(CATEGORIES) + 1 if m.class_specific_masks else 1
+        classes = self.num_classes if m.class_specific_masks else 1
         return OrcnnMaskBranch(int(m.fpn_channels), int(m.mask_channels), int(m.mask_layers), classes,
                                norm_layer=group_norm(int(m.group_norm_groups)))
 

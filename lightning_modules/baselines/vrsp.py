@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from amodal3d.atomic import replace_atomically, write_json_atomic
-from amodal3d.categories import CATEGORIES
+from amodal3d.categories import class_names
 from amodal3d.errors import CheckpointError, ConfigError, MissingCheckpointError
 from amodal3d.lightning_modules.baselines.maskrcnn import MaskRCNNStage
 from amodal3d.lightning_modules.checkpoints import read_checkpoint, submodule_state
@@ -73,9 +73,9 @@ class VrspStage(MaskRCNNStage):
 
     def mask_branch(self):
         m = self.m
-        classes = len(CATEGORIES) + 1 if m.class_specific_masks else 1
+        classes = self.num_classes if m.class_specific_masks else 1
         branch = VrspMaskBranch(int(m.fpn_channels), int(m.mask_channels), int(m.mask_layers), classes,
-                                len(CATEGORIES), codebook_size=int(m.codebook_size),
+                                len(self.class_names), codebook_size=int(m.codebook_size),
                                 neighbours=int(m.prior_neighbours), autoencoder_convs=int(m.autoencoder_convs),
                                 rescore_alpha=float(m.rescore_alpha), use_prior=bool(m.use_prior),
                                 norm_layer=group_norm(int(m.group_norm_groups)))
@@ -133,9 +133,10 @@ def build_codebook(cfg: DictConfig, folder: Path) -> dict:
     ae = MaskAutoencoder(int(m.autoencoder_convs))
     ae.load_state_dict(submodule_state(ckpt, AUTOENCODER))
     ae.eval()
+    names = class_names(cfg)  # the codebook has one entry set per category of the run's table
     ds = ImageDataset(cfg.data.root, "train")
     loader = DataLoader(ds, batch_size=32, num_workers=int(cfg.loader.num_workers), collate_fn=collate_detection)
-    latents: list[list[torch.Tensor]] = [[] for _ in CATEGORIES]
+    latents: list[list[torch.Tensor]] = [[] for _ in names]
     with torch.no_grad():
         for images, targets in loader:
             for img, t in zip(images, targets):
@@ -158,7 +159,7 @@ def build_codebook(cfg: DictConfig, folder: Path) -> dict:
     book, empty = [], []
     for c, z in enumerate(per_class):
         if len(z) == 0:
-            empty.append(CATEGORIES[c])
+            empty.append(names[c])
             fallback = kmeans(everything, k, iters, seed) if fallback is None else fallback
             book.append(fallback)
         else:
@@ -167,7 +168,7 @@ def build_codebook(cfg: DictConfig, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     replace_atomically(folder / CODEBOOK_FILE, lambda p: torch.save({"codebook": codebook, "checkpoint": ckpt}, p))
     summary = {"phase": "codebook", "checkpoint": ckpt, "entries_per_class": k,
-               "samples_per_class": {CATEGORIES[c]: len(z) for c, z in enumerate(per_class)},
+               "samples_per_class": {names[c]: len(z) for c, z in enumerate(per_class)},
                "classes_without_masks": empty}
     write_json_atomic(folder / "summary.json", summary)
     return summary
