@@ -181,7 +181,8 @@ class AmodalStage(L.LightningModule, ABC):
         self.log(f"{prefix}/miou", res["miou"], sync_dist=False)
         self.log(f"{prefix}/miou_occ", res["miou_occ"], sync_dist=False)
         self.log(f"{prefix}/iou_dataset", res["iou_dataset"], sync_dist=False)
-        for name, value in zip(self.class_names, res["per_category"]):
+        # reshape: torchmetrics squeezes a one-category dataset's (1,) outputs to 0-d
+        for name, value in zip(self.class_names, res["per_category"].reshape(-1)):
             if torch.isfinite(value):
                 self.log(f"{prefix}_category/{name}", value, sync_dist=False)
         metric.reset()

@@ -187,7 +187,9 @@ class DetectionAP(Metric):
         self.num_categories = int(num_categories)
         self.iou_type = iou_type
         self.key = "masks" if iou_type == "segm" else "boxes"
-        for name in ("gt_regions", "gt_labels", "gt_images", "dt_regions", "dt_labels", "dt_scores", "dt_images"):
+        # masks are kept flat with each one's (H,W): images of a dataset may differ in size
+        for name in ("gt_regions", "gt_labels", "gt_images", "gt_shapes", "dt_regions", "dt_labels", "dt_scores",
+                     "dt_images", "dt_shapes"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.add_state("images", default=[], dist_reduce_fx="cat")
 
@@ -196,6 +198,18 @@ class DetectionAP(Metric):
             raise KeyError(f"{what} dict needs {self.key!r} for iou_type={self.iou_type!r}")
         x = d[self.key]
         return x.bool() if self.iou_type == "segm" else x.float().reshape(-1, 4)
+
+    def _shapes(self, regions: torch.Tensor) -> torch.Tensor:
+        """(N,2) height and width of each mask (zeros for boxes)."""
+        hw = regions.shape[1:3] if self.iou_type == "segm" else (0, 0)
+        return torch.tensor([list(hw)], dtype=torch.long, device=self.device).expand(regions.shape[0], 2).clone()
+
+    def _unflatten(self, flat, shapes) -> list:
+        """The regions as a list: masks cut back out of the flat state by their shapes."""
+        if self.iou_type != "segm":
+            return list(flat)
+        sizes = (shapes[:, 0] * shapes[:, 1]).tolist()
+        return [m.reshape(int(h), int(w)) for m, (h, w) in zip(torch.split(flat, sizes), shapes.tolist())]
 
     def update(self, preds: list[dict], target: list[dict]) -> None:
         if len(preds) != len(target):
@@ -208,13 +222,15 @@ class DetectionAP(Metric):
             gr, gl = self._region(t, "target"), t["labels"].long().reshape(-1)
             if gr.shape[0] != gl.shape[0]:
                 raise ValueError(f"target of image {int(img)}: {gr.shape[0]} {self.key} but {gl.shape[0]} labels")
-            self.gt_regions.append(gr)
+            self.gt_regions.append(gr.reshape(-1) if self.iou_type == "segm" else gr)
+            self.gt_shapes.append(self._shapes(gr))
             self.gt_labels.append(gl)
             self.gt_images.append(img.expand(gr.shape[0]).clone())
             dr, dl, ds = self._region(p, "preds"), p["labels"].long().reshape(-1), p["scores"].float().reshape(-1)
             if not (dr.shape[0] == dl.shape[0] == ds.shape[0]):
                 raise ValueError(f"preds of image {int(img)}: {self.key}, labels and scores differ in length")
-            self.dt_regions.append(dr)
+            self.dt_regions.append(dr.reshape(-1) if self.iou_type == "segm" else dr)
+            self.dt_shapes.append(self._shapes(dr))
             self.dt_labels.append(dl)
             self.dt_scores.append(ds)
             self.dt_images.append(img.expand(dr.shape[0]).clone())
@@ -225,14 +241,15 @@ class DetectionAP(Metric):
 
         field = "mask" if self.iou_type == "segm" else "box"
         gr, gl, gi = cat(self.gt_regions), cat(self.gt_labels), cat(self.gt_images)
-        if gr is None or gr.shape[0] == 0:
+        if gr is None or gl.shape[0] == 0:
             nan = torch.tensor(float("nan"))
             return {"AP": nan, "AP50": nan, "AP75": nan}
+        gr = self._unflatten(gr, cat(self.gt_shapes))
         gt = [{"image_id": int(i), "category_id": int(c), field: r.numpy()} for r, c, i in zip(gr, gl, gi)]
         dr, dl, ds, di = cat(self.dt_regions), cat(self.dt_labels), cat(self.dt_scores), cat(self.dt_images)
-        dets = [] if dr is None else [
+        dets = [] if dr is None or len(dl) == 0 else [
             {"image_id": int(i), "category_id": int(c), field: r.numpy(), "score": float(s)}
-            for r, c, s, i in zip(dr, dl, ds, di)
+            for r, c, s, i in zip(self._unflatten(dr, cat(self.dt_shapes)), dl, ds, di)
         ]
         res = coco_ap(gt, dets, list(range(self.num_categories)), cat(self.images).tolist(), self.iou_type)
         return {k: torch.tensor(v) for k, v in res.items()}

@@ -210,9 +210,14 @@ def evaluate_all(
     todo: list[tuple[MethodEntry, AmodalStage | None]] = []
     if with_floor:
         todo += [(MethodEntry(name, None), module) for name, module in reference_modules(cfg, device)]
+    from amodal3d.bench.ours import OURS_TRUE_CAMERA, TRUE_CAMERA_UNDEFINED, dataset_has_cameras
+
     for e in entries:
         if e.status != "ok":
             rows.append(MethodResult(name=e.name, stage=e.stage, status=e.status))
+            continue
+        if e.name == OURS_TRUE_CAMERA and not dataset_has_cameras(cfg):
+            rows.append(MethodResult(name=e.name, stage=e.stage, status=TRUE_CAMERA_UNDEFINED))
             continue
         todo.append((e, None))
     evaluated = []

@@ -19,6 +19,16 @@ from amodal3d.lightning_modules.common import AmodalStage
 
 OURS = "Ours"
 OURS_TRUE_CAMERA = "Ours + true-camera render (eval only)"
+#: the true-camera row on a dataset without true cameras (an imported one)
+TRUE_CAMERA_UNDEFINED = "reads each instance's true camera: this dataset has none (imported data)"
+
+
+def dataset_has_cameras(cfg: DictConfig) -> bool:
+    """Whether the dataset cfg reads holds true cameras: built from objects, not imported
+    (an imported dataset's cameras are NaN)."""
+    from amodal3d.datamodules.shard_format import read_manifest
+
+    return read_manifest(cfg.data.root).get("format") != "amodal3d.import"
 
 
 def validation_score(checkpoint: Path) -> float | None:

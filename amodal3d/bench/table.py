@@ -65,15 +65,19 @@ class MethodResult:
 
     @classmethod
     def from_metric(cls, name: str, res: dict, **kw) -> "MethodResult":
-        """From AmodalMIoU.compute()'s dict."""
+        """From AmodalMIoU.compute()'s dict (a one-category dataset's (1,) outputs come back 0-d from
+        torchmetrics: flattened)."""
+        def flat(x):
+            return x.reshape(-1).tolist() if hasattr(x, "reshape") else list(x)
+
         return cls(
             name=name,
-            per_category=[float(x) for x in res["per_category"]],
-            per_category_occ=[float(x) for x in res["per_category_occ"]],
+            per_category=[float(x) for x in flat(res["per_category"])],
+            per_category_occ=[float(x) for x in flat(res["per_category_occ"])],
             miou=float(res["miou"]),
             miou_occ=float(res["miou_occ"]),
             iou_dataset=float(res["iou_dataset"]),
-            count=[int(x) for x in res["count"]],
+            count=[int(x) for x in flat(res["count"])],
             **kw,
         )
 
