@@ -21,16 +21,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import h5py
-import numpy as np
-
-from amodal3d.atomic import write_json_atomic
 from amodal3d.categories import CATEGORIES, category_index, resolve_categories
 from amodal3d.datamodules.composites import GENERATOR_VERSION, CompositeParams, ObjectPool, erase, paste
-from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION
+from amodal3d.datamodules.shard_format import SCHEMA_VERSION
 from amodal3d.datamodules.build_progress import BuildProgress
 from amodal3d.datamodules.build_units import (  # noqa: F401 (BuildConfigError: raised here too)
-    GENERATOR_FILE, BuildConfigError, claim_folder, existing_manifest, config_hash, load_done, locked, write_unit,
+    BuildConfigError, claim_folder, config_hash, existing_manifest, load_done, locked, release_claim, write_manifest,
+    write_unit,
 )
 from amodal3d.datamodules.imports.build import import_dataset, is_import
 from amodal3d.datamodules.sources.base import ALL_OBJECTS, SPLITS, ObjectRenders
@@ -273,10 +270,7 @@ def build_dataset(data_cfg: Any, progress: bool = True, load_objects: LoadObject
             try:
                 return _build_locked(root, cfg, data_cfg, gen, params, splits, load_objects, prog)
             except BaseException:
-                # nothing finished: release the claim, so a corrected config (a fixed
-                # data.source_path, say) is not refused as "another config's partial build"
-                if not any(root.glob("*.done.json")):
-                    (root / GENERATOR_FILE).unlink(missing_ok=True)
+                release_claim(root)  # nothing finished: a corrected config may claim the folder
                 raise
     finally:
         prog.close()
@@ -315,12 +309,8 @@ def _build_locked(root: Path, cfg: dict, data_cfg: Any, gen: dict, params: Compo
         "splits": splits_info,
         "counts": {s: {k: v[k] for k in ("images", "instances", "skipped")} for s, v in splits_info.items()},
         "objects": objects,
-        "bytes": sum(r["bytes"] for v in splits_info.values() for r in v["shards"]),
-        "software": {"numpy": np.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version},
     }
-    write_json_atomic(root / MANIFEST, manifest, indent=1, durable=True)
-    prog.log(f"wrote {root / MANIFEST} ({manifest['bytes'] / 2**20:.1f} MiB) in {time.time() - t0:.0f}s")
-    return manifest
+    return write_manifest(root, manifest, prog, t0)
 
 
 def ensure_dataset(data_cfg: Any, load_objects: LoadObjects | None = None) -> dict:

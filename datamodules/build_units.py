@@ -126,3 +126,26 @@ def claim_folder(root: Path, gen: dict) -> None:
                 f"set another data.root or delete {root}"
             )
     write_json_atomic(p, gen, indent=1, durable=True)  # new, or a schema-2 partial build continued in schema 3
+
+
+def write_manifest(root: Path, manifest: dict, prog, t0: float) -> dict:
+    """Add the shards' total size and the software versions, write the manifest (last, atomically:
+    the dataset exists from then on) and log it."""
+    import time
+
+    import h5py
+    import numpy as np
+
+    manifest["bytes"] = sum(r["bytes"] for v in manifest["splits"].values() for r in v["shards"])
+    manifest["software"] = {"numpy": np.__version__, "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version}
+    write_json_atomic(root / MANIFEST, manifest, indent=1, durable=True)
+    prog.log(f"wrote {root / MANIFEST} ({manifest['bytes'] / 2**20:.1f} MiB) in {time.time() - t0:.0f}s")
+    return manifest
+
+
+def release_claim(root: Path) -> None:
+    """After a failed build in which no unit finished: drop the claim, so a corrected config (a
+    fixed data.source_path, say) is not refused as "another config's partial build"."""
+    if not any(root.glob("*.done.json")):
+        (root / GENERATOR_FILE).unlink(missing_ok=True)
+

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -202,3 +202,19 @@ def images_of(doc: dict, path: Path) -> dict[int, ParsedImage]:
         image_id = int(im.get("dataset_image_id", iid))  # our export keeps the dataset's own id
         out[iid] = ParsedImage(image_id, str(im["file_name"]), int(im["height"]), int(im["width"]))
     return out
+
+
+def annotations_of(doc: dict, path: Path, images: dict[int, ParsedImage]) -> Iterator[tuple[int, dict, str, ParsedImage]]:
+    """(position, annotation, where, its image) of every entry of the file's `annotations`;
+    `where` names the file and the annotation id for the parsers' errors."""
+    if not isinstance(doc["annotations"], list):
+        raise AnnotationError(f"{path}: 'annotations' must be a list")
+    for k, ann in enumerate(doc["annotations"]):
+        where = f"{path}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
+        if not isinstance(ann, dict):
+            raise AnnotationError(f"{where}: expected an object")
+        image = images.get(int(field_of(ann, ("image_id",), where)))
+        if image is None:
+            raise AnnotationError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+        yield k, ann, where, image
+

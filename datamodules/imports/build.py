@@ -34,12 +34,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-import h5py
-
-from amodal3d.atomic import write_json_atomic
 from amodal3d.datamodules.build_progress import BuildProgress
 from amodal3d.datamodules.build_units import (
-    GENERATOR_FILE, claim_folder, existing_manifest, config_hash, load_done, locked, write_unit,
+    claim_folder, config_hash, existing_manifest, load_done, locked, release_claim, write_manifest, write_unit,
 )
 from amodal3d.datamodules.composites import INSTANCE_FIELDS, Composite, mask_box
 from amodal3d.datamodules.imports.annotations import (
@@ -48,7 +45,7 @@ from amodal3d.datamodules.imports.annotations import (
 from amodal3d.datamodules.imports.coco_amodal import parse_coco_amodal
 from amodal3d.datamodules.imports.cocoa import parse_cocoa
 from amodal3d.datamodules.imports.kins import parse_kins, parse_kins2020
-from amodal3d.datamodules.shard_format import MANIFEST, SCHEMA_VERSION
+from amodal3d.datamodules.shard_format import SCHEMA_VERSION
 from amodal3d.datamodules.sources.base import SPLITS
 from amodal3d.errors import ConfigError
 
@@ -355,16 +352,10 @@ def import_dataset(cfg: dict, progress: bool = True) -> dict:
                 "counts": {s: {k: v[k] for k in ("images", "instances", "skipped")} for s, v in splits_info.items()},
                 "rules": rules,
                 "skipped_annotations": {s: p.skipped for s, p in parsed.items()},
-                "bytes": sum(r["bytes"] for v in splits_info.values() for r in v["shards"]),
-                "software": {"numpy": np.__version__, "h5py": h5py.version.version,
-                             "hdf5": h5py.version.hdf5_version},
             }
-            write_json_atomic(root / MANIFEST, manifest, indent=1, durable=True)
-            prog.log(f"wrote {root / MANIFEST} ({manifest['bytes'] / 2**20:.1f} MiB) in {time.time() - t0:.0f}s")
-            return manifest
+            return write_manifest(root, manifest, prog, t0)
     except BaseException:
-        if not any(root.glob("*.done.json")):
-            (root / GENERATOR_FILE).unlink(missing_ok=True)
+        release_claim(root)
         raise
     finally:
         prog.close()

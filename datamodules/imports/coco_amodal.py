@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amodal3d.datamodules.imports.annotations import (
-    AnnotationError, ParsedInstance, ParsedSplit, as_segment, category_of, category_table, field_of, images_of,
+    ParsedInstance, ParsedSplit, annotations_of, as_segment, category_of, category_table, field_of, images_of,
     read_json,
 )
 
@@ -22,14 +22,8 @@ def parse_coco_amodal(path: str | Path) -> ParsedSplit:
     names, ids = category_table(doc["categories"], str(path))
     images = images_of(doc, path)
     split = ParsedSplit(path, names, list(images.values()))
-    for k, ann in enumerate(doc["annotations"]):
-        where = f"{path}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
-        if not isinstance(ann, dict):
-            raise AnnotationError(f"{where}: expected an object")
+    for _, ann, where, image in annotations_of(doc, path, images):
         aid = int(field_of(ann, ("id",), where))
-        image = images.get(int(field_of(ann, ("image_id",), where)))
-        if image is None:
-            raise AnnotationError(f"{where}: image_id {ann['image_id']} is not in 'images'")
         if int(ann.get("iscrowd", 0)):
             split.skipped.append({"annotation_id": aid, "image_id": image.image_id, "field": "iscrowd",
                                   "reason": "crowd annotation (no instance mask)"})

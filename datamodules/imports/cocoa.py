@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amodal3d.datamodules.imports.annotations import (
-    AnnotationError, ParsedInstance, ParsedSplit, as_segment, field_of, images_of, read_json,
+    AnnotationError, ParsedInstance, ParsedSplit, annotations_of, as_segment, field_of, images_of, read_json,
 )
 
 CATEGORY = "object"
@@ -23,13 +23,7 @@ def parse_cocoa(path: str | Path) -> ParsedSplit:
     images = images_of(doc, path)
     split = ParsedSplit(path, [CATEGORY], list(images.values()), counts={"stuff": 0})
     next_id = 0
-    for k, ann in enumerate(doc["annotations"]):
-        where = f"{path}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
-        if not isinstance(ann, dict):
-            raise AnnotationError(f"{where}: expected an object")
-        image = images.get(int(field_of(ann, ("image_id",), where)))
-        if image is None:
-            raise AnnotationError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+    for k, ann, where, image in annotations_of(doc, path, images):
         regions = field_of(ann, ("regions",), where)
         if not isinstance(regions, list):
             raise AnnotationError(f"{where}: 'regions' must be a list")

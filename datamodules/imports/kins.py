@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from amodal3d.datamodules.imports.annotations import (
-    AnnotationError, ParsedInstance, ParsedSplit, as_segment, category_of, category_table, field_of, images_of,
+    ParsedInstance, ParsedSplit, annotations_of, as_segment, category_of, category_table, field_of, images_of,
     read_json,
 )
 
@@ -29,13 +29,7 @@ def _parse(path: str | Path, variant: str) -> ParsedSplit:
     images = images_of(doc, path)
     split = ParsedSplit(path, names, list(images.values()))
     fields = _FIELDS[variant]
-    for k, ann in enumerate(doc["annotations"]):
-        where = f"{path}: annotation {ann.get('id', f'#{k}') if isinstance(ann, dict) else f'#{k}'}"
-        if not isinstance(ann, dict):
-            raise AnnotationError(f"{where}: expected an object")
-        image = images.get(int(field_of(ann, ("image_id",), where)))
-        if image is None:
-            raise AnnotationError(f"{where}: image_id {ann['image_id']} is not in 'images'")
+    for k, ann, where, image in annotations_of(doc, path, images):
         amodal_key = next((n for n in fields["amodal"] if ann.get(n) is not None), fields["amodal"][0])
         visible_key = next((n for n in fields["visible"] if ann.get(n) is not None), fields["visible"][0])
         depth = -1
