@@ -21,10 +21,10 @@ BENCH_ARGS = $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(EXP),--exp $(EXP))
 
 CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 
-.PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-loader bench-raster bench-hardest bench-recon bench-detections predict sheets tensorboard stages clean help
+.PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-loader bench-raster bench-crops bench-hardest bench-recon bench-detections predict sheets tensorboard stages clean help
 
 help:
-	@echo "make setup | test | test-all | train STAGE=.. | data | validate | export OUT=.. | bench [PROTOCOL=gt-visible|gt-box|detect] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-hardest | bench-recon | bench-detections | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
+	@echo "make setup | test | test-all | train STAGE=.. | data | validate | export OUT=.. | bench [PROTOCOL=gt-visible|gt-box|detect] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-crops | bench-hardest | bench-recon | bench-detections | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
 
 setup: $(STAMP)
 
@@ -67,6 +67,9 @@ bench-loader: setup
 
 bench-raster: setup
 	$(PY) -m amodal3d bench raster $(OVERRIDES)
+
+bench-crops: setup
+	$(PY) -m amodal3d bench crops $(if $(EXP),--exp $(EXP)) $(OVERRIDES)
 
 bench-hardest: setup
 	$(PY) -m amodal3d bench hardest $(OVERRIDES)

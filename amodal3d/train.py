@@ -76,11 +76,11 @@ def build_datamodule(cfg: DictConfig, spec: StageSpec) -> L.LightningDataModule:
     if spec.data == "crops":
         from amodal3d.datamodules.crops import CropDataModule
 
-        return CropDataModule(cfg.data, loader, protocol=cfg.protocol)
+        return CropDataModule(cfg.data, loader, protocol=cfg.protocol, targets=spec.targets)
     if spec.data == "images":
         from amodal3d.datamodules.images import DetectionDataModule
 
-        return DetectionDataModule(cfg.data, loader)
+        return DetectionDataModule(cfg.data, loader, targets=spec.targets)
     raise ValueError(f"stage {spec.name}: unknown data kind {spec.data!r}")
 
 

@@ -35,8 +35,8 @@ def overlay_rows(batch: dict, pred: torch.Tensor, max_items: int) -> torch.Tenso
     vis = batch["visible"][:n].float().cpu()
     pred = pred[:n].float().cpu()
     tiles = [rgb, tint(rgb, vis, GREEN)]
-    if "occluded" in batch:
-        tiles[1] = tint(tiles[1], batch["occluded"][:n].float().cpu(), GREY, 0.4)
+    if "occluder" in batch:
+        tiles[1] = tint(tiles[1], batch["occluder"][:n].float().cpu(), GREY, 0.4)
     tiles.append(tint(rgb, pred, RED))
     if "eval_amodal" in batch:  # evaluation-only key: pictures, never losses
         tiles.append(tint(rgb, batch["eval_amodal"][:n].float().cpu(), BLUE))

@@ -7,15 +7,16 @@ window is centred on the instance's *visible* box, its side the box's longer
 side x `visible_crop_margin`; under `gt-box` on the amodal box x `crop_margin`.
 Item contract (other stages code against these names; docs/data.md):
 
-    rgb (3,S,S) float32 [0,1]     visible (1,S,S) {0,1}     occluded (1,S,S) {0,1}
+    rgb (3,S,S) float32 [0,1]     visible (1,S,S) {0,1}     occluder (1,S,S) {0,1}
     category int64 ()             object_id int64 ()        index int64 ()
-    crop_box (4,) xyxy pixels     image_visible (1,H,W)     image_occluded (1,H,W)  (H,W: the split's largest image; zero padded)
+    crop_box (4,) xyxy pixels     image_visible (1,H,W)     image_occluder (1,H,W)  (H,W: the split's largest image; zero padded)
     amodal_box (4,)               gt-box only
     unknown (1,S,S) {0,1}         training/validation items; gt-box test items
     eval_amodal (1,S,S)  eval_image_amodal (1,H,W)  eval_camera (3,)  eval_view_id int64 ()
     eval_occlusion float32 ()
+    amodal (1,S,S) {0,1}          training/validation items of a stage that trains on amodal masks (targets)
 
-`occluded` is what the protocol hands out: under gt-box the pixels known to be
+`occluder` is the occluder the protocol hands out: under gt-box the pixels known to be
 occluded, under gt-visible the other instances' visible masks. `unknown` is the
 composite's occluder (the eraser in `erase`): where pixels are not seen, for
 losses and label-free monitors, never a prediction's input.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, get_worker_info
 
 from amodal3d.errors import ConfigError
-from amodal3d.protocols import GT_BOX, GT_VISIBLE, check_protocol
+from amodal3d.protocols import GT_BOX, GT_VISIBLE, TARGET_SPLITS, check_protocol, check_targets
 from amodal3d.datamodules.shard_reader import SplitReader
 from amodal3d.datamodules.split_datamodule import SplitDataModule
 
@@ -161,8 +162,11 @@ class CropDataset(Dataset):
         verify: bool = True,
         protocol: str = GT_VISIBLE,
         visible_crop_margin: float = 2.5,
+        targets: tuple[str, ...] = (),
     ) -> None:
         self.protocol = check_protocol(protocol)
+        # a supervised stage's training target: the amodal mask under its own key, train/val only
+        self.with_amodal_target = "amodal" in check_targets(targets) and split in TARGET_SPLITS
         if visible_crop_margin <= 0:
             raise ValueError(f"visible_crop_margin={visible_crop_margin}: must be > 0")
         if views_per_item < 1:
@@ -277,20 +281,23 @@ class CropDataset(Dataset):
         item = {
             "rgb": torch.from_numpy(rgb),
             "visible": torch.from_numpy(vis),
-            "occluded": torch.from_numpy(occ),
+            "occluder": torch.from_numpy(occ),
             "category": _scalar(idx["category"][i], np.int64),
             "object_id": _scalar(idx["object_id"][i], np.int64),
             "crop_box": torch.from_numpy(crop_box.copy()),
             "image_visible": self._image_frame(m["visible"]),
-            "image_occluded": self._image_frame(given),
+            "image_occluder": self._image_frame(given),
             "index": _scalar(i, np.int64),
         }
         if self.protocol == GT_BOX:
             item["amodal_box"] = torch.from_numpy(idx["amodal_box"][i].copy())
         if self.with_unknown:
             item["unknown"] = torch.from_numpy(unk)
+        amodal = torch.from_numpy(amo)
+        if self.with_amodal_target:
+            item["amodal"] = amodal
         item.update({
-            "eval_amodal": torch.from_numpy(amo),
+            "eval_amodal": amodal,
             "eval_image_amodal": self._image_frame(m["amodal"]),
             "eval_camera": torch.from_numpy(idx["camera"][i].copy()),
             "eval_view_id": _scalar(idx["view_id"][i], np.int64),
@@ -416,15 +423,16 @@ class CropDataModule(SplitDataModule):
 
     views_per_item (argument, else loader_cfg.views_per_item if the config has
     it, else 1) applies to the training split only: validation and test score
-    each instance once.
+    each instance once. targets: the stage's training targets (StageSpec.targets).
     """
 
     def __init__(self, data_cfg: Any, loader_cfg: Any, views_per_item: int | None = None, verify: bool = True,
-                 protocol: str = GT_VISIBLE) -> None:
+                 protocol: str = GT_VISIBLE, targets: tuple[str, ...] = ()) -> None:
         super().__init__(data_cfg, loader_cfg, verify)
         self.views_per_item = int(views_per_item or getattr(loader_cfg, "views_per_item", 1) or 1)
         self.seed = int(getattr(data_cfg, "seed", 0))
         self.protocol = check_protocol(protocol)
+        self.targets = check_targets(targets)
 
     def make_dataset(self, split: str) -> CropDataset:
         lc = self.loader_cfg
@@ -432,7 +440,7 @@ class CropDataModule(SplitDataModule):
             self.root, split, crop_size=int(lc.crop_size), crop_margin=float(lc.crop_margin),
             views_per_item=self.views_per_item if split == "train" else 1,
             train=split == "train", verify=self.verify, protocol=self.protocol,
-            visible_crop_margin=float(getattr(lc, "visible_crop_margin", 2.5)),
+            visible_crop_margin=float(getattr(lc, "visible_crop_margin", 2.5)), targets=self.targets,
         )
 
     def make_loader(self, ds: CropDataset, split: str) -> DataLoader:

@@ -193,6 +193,7 @@ STAGE = StageSpec(
     depends_on=("recon", "viewpoint", "render", "refine"),
     dependencies=joint_dependencies,
     method="joint (end-to-end fine-tuning)",
+    targets=("amodal",),
     table_order=60,
     help="fine-tunes recon, viewpoint, render and refine together from their checkpoints",
 )

@@ -116,7 +116,7 @@ class ReconStage(AmodalStage):
             cams = sample_cameras(b, self.el_range, self.dist_range, verts.device)
             box = centred_box_ndc(verts, cams, self.crop_margin, self.net.renderer.fov)
             sil = self.net.render(verts, cams, box, s)[:, None]
-            occ = batch["occluded"].float()
+            occ = batch["occluder"].float()
             vis = (sil > 0.5).float() * (1.0 - occ)
             parts = [torch.zeros_like(batch["rgb"]), vis] + ([occ] if self.net.use_occluded else [])
             x = torch.cat(parts, dim=1)

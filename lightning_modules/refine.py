@@ -4,9 +4,9 @@ The 3D prior chain (recon -> viewpoint -> render, frozen here) renders a coarse
 amodal mask of each instance in its crop; models.refine_net.RefineNet turns crop
 RGB + visible mask + occluder mask + coarse mask (+ its soft edges) into the
 amodal mask, keeping the visible region as observed and predicting only the
-pixels that may be hidden. Supervised by amodal masks (the crops' `eval_amodal`,
-which this stage may use as a training target, like the reference method); no
-other hidden ground truth is read in training.
+pixels that may be hidden. Supervised by amodal masks (the crops' `amodal` key,
+present because the stage declares targets=("amodal",), like the reference
+method); no other hidden ground truth is read in training.
 
 The prior comes from a factory, so any nn.Module with `coarse_mask(batch) ->
 (B,1,S,S)` probabilities can be plugged in (tests use stand-ins):
@@ -332,8 +332,8 @@ class RefineStage(AmodalStage):
     def refine_terms(self, batch: dict, coarse: torch.Tensor) -> dict[str, torch.Tensor]:
         """The supervised refine loss terms of a batch (target: the amodal crop)."""
         visible = batch["visible"]
-        out = self.net(batch["rgb"], visible, self.occluder_input(visible, batch["occluded"]), coarse)
-        return region_losses(out, batch["eval_amodal"], visible, self.loss_weights(), int(self.m.band_width),
+        out = self.net(batch["rgb"], visible, self.occluder_input(visible, batch["occluder"]), coarse)
+        return region_losses(out, batch["amodal"], visible, self.loss_weights(), int(self.m.band_width),
                              int(self.m.hidden_dilate))
 
     def _log_terms(self, terms: dict[str, torch.Tensor], b: int, prefix: str = "train") -> None:
@@ -355,7 +355,7 @@ class RefineStage(AmodalStage):
     def predict_amodal(self, batch: dict) -> torch.Tensor:
         coarse = self.coarse_mask(batch)
         self._last_coarse = coarse
-        return self.net(batch["rgb"], batch["visible"], batch["occluded"], coarse)["prob"]
+        return self.net(batch["rgb"], batch["visible"], batch["occluder"], coarse)["prob"]
 
     def update_eval_metrics(self, batch: dict, batch_idx: int, split: str, metrics) -> None:
         from amodal3d.datamodules.crops import paste_crop_to_image
@@ -399,6 +399,7 @@ STAGE = StageSpec(
     depends_on=("recon",),
     dependencies=prior_dependencies,
     method="refine (3D prior frozen)",
+    targets=("amodal",),
     table_order=50,
     help="step 5: region-specific refinement of the 3D prior's render (supervised by amodal masks)",
 )

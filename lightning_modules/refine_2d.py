@@ -31,6 +31,7 @@ STAGE = StageSpec(
     model_schema=RefineModelConfig,
     data="crops",
     method="2D-only (no 3D prior)",
+    targets=("amodal",),
     table_order=40,
     help="ablation: the refine network with its coarse-mask input zeroed (no 3D prior)",
 )

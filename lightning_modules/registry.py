@@ -48,6 +48,10 @@ class StageSpec:
     table_order: where its row goes in the results table (baselines first, then the
         pipeline in order; the bench's Ours rows come last).
     phases: a stage trained in several phases by one `make train` (see Phase).
+    targets: the labels a supervised stage trains on beyond the protocol's inputs
+        (amodal3d.protocols.TRAINING_TARGETS): ("amodal",) gives its training and
+        validation batches the amodal mask under a training key; an unsupervised stage
+        declares none, so its batches hold amodal masks only as evaluation-only eval_* keys.
     """
 
     name: str
@@ -60,6 +64,7 @@ class StageSpec:
     table_order: int = 100
     help: str = ""
     phases: tuple[Phase, ...] = ()
+    targets: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
 

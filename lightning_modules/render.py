@@ -1,5 +1,7 @@
 """Stage `render`: the predicted mesh, seen by the predicted camera, placed in the
-instance's crop frame — the coarse amodal mask the refine stage consumes.
+instance's crop frame — the coarse amodal mask the refine stage consumes. The name is
+step 4 of the method (differentiable rendering 3D -> 2D); what it trains is only the
+placement of that rendering (below).
 
 Everything 3D is frozen: the mesh comes from recon, the camera from recon's head
 or from the viewpoint estimator (`model.camera_source`: `recon`, `viewpoint`, or
@@ -271,6 +273,6 @@ STAGE = StageSpec(
     dependencies=render_dependencies,
     method="render",
     table_order=30,
-    help="coarse amodal mask: recon mesh under the better camera (viewpoint optional, model.camera_source),"
-    " placed per axis on the amodal box",
+    help="step 4: trains the placement of the rendered silhouette (recon mesh under the better camera,"
+    " model.camera_source) on the amodal box: the coarse amodal mask",
 )

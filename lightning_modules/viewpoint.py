@@ -54,7 +54,7 @@ from amodal3d.models.mesh_renderer import centred_box_ndc, mask_boxes
 from amodal3d.models.occlusion_synth import OccluderParams, synth_occluders
 from amodal3d.models.recon_losses import camera_loss, sample_cameras, visible_iou
 from amodal3d.models.recon_net import ReconNet
-from amodal3d.models.shape_prior import freeze_, recon_net_from_spec, spec_class_names
+from amodal3d.models.shape_prior import ReconShapePrior, freeze_, recon_net_from_spec, spec_class_names
 from amodal3d.models.viewpoint_net import ViewpointNet, estimator_camera
 
 
@@ -133,9 +133,9 @@ def synthesise(
     """Renders of `verts` at sampled cameras, framed like the loader's crops and cut by
     random erasers: dict(camera (B,3), amodal, visible, occluded, unknown (B,1,S,S) {0,1},
     category). Under gt-box (visible_margin None) the frame is centred on the whole
-    render and `occluded` is the eraser; under gt-visible the samples are re-framed on
+    render and `occluder` is the eraser; under gt-visible the samples are re-framed on
     their visible box with `visible_margin`, as the loader frames real crops, and
-    `occluded` is empty, as in a gt-visible `erase` item (the eraser is `unknown`)."""
+    `occluder` is empty, as in a gt-visible `erase` item (the eraser is `unknown`)."""
     b = verts.shape[0]
     s = recon.crop_size
     el = recon.camera_head.el_range
@@ -154,9 +154,9 @@ def synthesise(
         frame = square_crop_box(mask_boxes(visible), float(visible_margin))
         stacked = crop_to_box(torch.cat([amodal, visible, occluded], 1), frame, s)
         amodal, visible, occluded = (stacked > 0.5).float().split(1, 1)
-        return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": torch.zeros_like(occluded),
+        return {"camera": camera, "amodal": amodal, "visible": visible, "occluder": torch.zeros_like(occluded),
                 "unknown": occluded, "category": category}
-    return {"camera": camera, "amodal": amodal, "visible": visible, "occluded": occluded, "unknown": occluded,
+    return {"camera": camera, "amodal": amodal, "visible": visible, "occluder": occluded, "unknown": occluded,
             "category": category}
 
 
@@ -228,7 +228,7 @@ class ViewpointStage(AmodalStage):
                               self.visible_margin)
 
     def camera_losses(self, samples: dict) -> dict[str, torch.Tensor]:
-        out = self.net(samples["visible"], samples["occluded"], samples["category"])
+        out = self.net(samples["visible"], samples["occluder"], samples["category"])
         err = camera_loss(out["hypotheses"], samples["camera"][:, None], self.el_range, self.dist_range)
         best = err.argmin(dim=1)
         losses = {"camera": err.gather(1, best[:, None]).mean()}
@@ -247,12 +247,24 @@ class ViewpointStage(AmodalStage):
         return loss
 
     # -- prediction -----------------------------------------------------------------------------
+    @property
+    def prior(self) -> ReconShapePrior:
+        """recon's coarse-mask path at the crop size (not a registered submodule: its weights
+        are self.recon's, and the checkpoint keeps their names)."""
+        if self.__dict__.get("_prior") is None:
+            self.__dict__["_prior"] = ReconShapePrior(self.recon, render_size=self.recon.crop_size)
+        return self.__dict__["_prior"]
+
     def predict_amodal(self, batch: dict) -> torch.Tensor:
         """recon's mesh seen by the estimator's camera, fitted to the amodal box."""
-        rec = self.recon(batch)
-        camera = estimator_camera(self.recon, self.net.predict(batch), rec["verts"], batch, rec["box"])
-        sil = self.recon.render(rec["verts"], camera, rec["box"], self.recon.crop_size)
-        self._last = {"recon": rec, "camera": camera, "sil": sil[:, None]}
+        cams = {}
+
+        def estimator(rec: dict) -> torch.Tensor:
+            cams["camera"] = estimator_camera(self.recon, self.net.predict(batch), rec["verts"], batch, rec["box"])
+            return cams["camera"]
+
+        sil, rec = self.prior.render_outputs(batch, estimator)
+        self._last = {"recon": rec, "camera": cams["camera"], "sil": sil[:, None]}
         return sil[:, None]
 
     def predict_meshes(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,10 @@
 
 torchvision's MaskRCNN with: a torchvision ResNet + FPN backbone, GroupNorm
 everywhere instead of BatchNorm (detection batches are small), anchors sized to
-the data's image size, the transform at the data's native size (torchvision's
-default resizes every image to 800 px) and AmodalRoIHeads with a pluggable mask
-branch. The defaults are sized to train on 2 CPU cores in under 30 minutes;
+the transform's shorter side, the transform at the data's native size by default
+(torchvision's default resizes every image to 800 px; `model.min_size` /
+`model.max_size` set the sides for real datasets such as KINS) and AmodalRoIHeads
+with a pluggable mask branch. The defaults are sized to train on 2 CPU cores in under 30 minutes;
 experiments/exp/detector_paper.yaml gives the paper-sized model (ResNet-50,
 256-channel FPN and heads) for GPUs.
 """
@@ -23,6 +24,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from amodal3d.errors import ConfigError
 from amodal3d.models.amodal_roi_heads import AmodalRoIHeads, ConvMaskBranch, MaskBranch
 from amodal3d.models.detection_transform import MultiMaskTransform
 
@@ -33,7 +35,11 @@ class DetectorModelConfig:
     group_norm_groups: int = 16
     fpn_channels: int = 64
     fpn_layers: list[int] = field(default_factory=lambda: [1, 2, 3])  # ResNet stages (strides 4, 8, 16) + a max-pool level
-    anchor_sizes: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])  # x image size, one per level
+    # the transform scales each image so that its shorter side is min_size, unless its longer side
+    # would pass max_size (torchvision's rule); 0: data.image_size (square synth13 images: unscaled)
+    min_size: int = 0
+    max_size: int = 0
+    anchor_sizes: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])  # x min_size, one per level
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     rpn_pre_nms_top_n_train: int = 600
     rpn_post_nms_top_n_train: int = 300
@@ -76,15 +82,27 @@ def resnet_fpn(m: DetectorModelConfig) -> BackboneWithFPN:
                            int(m.fpn_channels), extra_blocks=LastLevelMaxPool(), norm_layer=norm)
 
 
+def transform_sides(m: DetectorModelConfig, image_size: int) -> tuple[int, int]:
+    """(min_size, max_size) of the detector's transform: the config's, 0 meaning `image_size`."""
+    sides = []
+    for key in ("min_size", "max_size"):
+        v = int(getattr(m, key))
+        if v < 0:
+            raise ConfigError(f"model.{key}={v}: expected a side in pixels, or 0 for data.image_size ({image_size})")
+        sides.append(v or int(image_size))
+    return sides[0], sides[1]
+
+
 def build_maskrcnn(m: DetectorModelConfig, num_classes: int, image_size: int,
                    mask_branch: MaskBranch | None = None) -> MaskRCNN:
     """torchvision MaskRCNN (num_classes includes the background) whose RoI heads are
     AmodalRoIHeads with `mask_branch` (default: Mask R-CNN's conv head on `masks`)."""
+    min_side, max_side = transform_sides(m, image_size)
     backbone = resnet_fpn(m)
     levels = len(m.fpn_layers) + 1
     if len(m.anchor_sizes) != levels:
         raise ValueError(f"model.anchor_sizes: {len(m.anchor_sizes)} sizes for {levels} FPN levels")
-    anchors = AnchorGenerator(tuple((float(s) * image_size,) for s in m.anchor_sizes),
+    anchors = AnchorGenerator(tuple((float(s) * min_side,) for s in m.anchor_sizes),
                               (tuple(float(a) for a in m.aspect_ratios),) * levels)
     names = [str(k) for k in range(len(m.fpn_layers))]
     norm = group_norm(int(m.group_norm_groups))
@@ -115,8 +133,8 @@ def build_maskrcnn(m: DetectorModelConfig, num_classes: int, image_size: int,
         positive_fraction=0.25, bbox_reg_weights=None, score_thresh=float(m.box_score_thresh), nms_thresh=0.5,
         detections_per_img=int(m.box_detections_per_img), mask_roi_pool=old.mask_roi_pool, mask_branch=branch,
     )
-    t = model.transform  # the data's native size, ImageNet statistics (the images are RGB in [0, 1])
-    model.transform = MultiMaskTransform(image_size, image_size, t.image_mean, t.image_std)
+    t = model.transform  # by default the data's native size; ImageNet statistics (the images are RGB in [0, 1])
+    model.transform = MultiMaskTransform(min_side, max_side, t.image_mean, t.image_std)
     return model
 
 

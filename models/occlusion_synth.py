@@ -10,7 +10,7 @@ kept when the hidden share of the silhouette lies in [ratio_min, ratio_max].
 Unlike the dataset, a batch cannot skip a sample: each sample gets `tries`
 draws at once and keeps the first one in range, else the one nearest the range.
 The occluder mask is the whole erased region (also where it misses the object),
-as the dataset's `occluded` channel is.
+as the dataset's `occluder` channel is.
 """
 
 from __future__ import annotations

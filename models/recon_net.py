@@ -26,7 +26,7 @@ from amodal3d.models.recon_losses import resize_mask, silhouette_loss
 
 def observed_pixels(batch: dict) -> torch.Tensor:
     """(B,1,S,S) where the crop shows the object itself: visible and not known to be occluded."""
-    vis, occ = batch["visible"].float(), batch["occluded"].float()
+    vis, occ = batch["visible"].float(), batch["occluder"].float()
     return (vis * (1.0 - occ)).reshape(vis.shape[0], 1, *vis.shape[-2:])
 
 
@@ -103,7 +103,7 @@ class ReconNet(nn.Module):
         return self.decoder.faces
 
     def inputs(self, batch: dict) -> torch.Tensor:
-        return crop_channels(batch["rgb"], batch["visible"], batch["occluded"] if self.use_occluded else None,
+        return crop_channels(batch["rgb"], batch["visible"], batch["occluder"] if self.use_occluded else None,
                              self.use_occluded)
 
     def encode(self, x: torch.Tensor, category: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -158,7 +158,7 @@ class ReconNet(nn.Module):
         size = self.select_size
         with torch.no_grad():
             target = resize_mask(batch["visible"], size).repeat_interleave(k, 0)
-            weight = 1.0 - resize_mask(batch["occluded"], size).repeat_interleave(k, 0)
+            weight = 1.0 - resize_mask(batch["occluder"], size).repeat_interleave(k, 0)
             verts = out["verts"].detach().repeat_interleave(k, 0)
             sil = self.render(verts, hyp.detach().reshape(b * k, 3), box.repeat_interleave(k, 0), size)
             err = silhouette_loss(sil, target, weight, *self.loss_weights).view(b, k)

@@ -135,9 +135,9 @@ class ShapePrior(nn.Module):
 
 
 class PriorAdapter(nn.Module, ABC):
-    """What refine and joint use of a 3D prior: coarse_mask(batch[, camera]) rendered at
-    render_size and brought to the crop size, camera(batch), the recon net inside, and
-    the prior's parts by stage (joint's parameter groups)."""
+    """What refine, joint and the viewpoint stage use of a 3D prior: coarse_mask(batch[,
+    camera]) rendered at render_size and brought to the crop size, camera(batch), the recon
+    net inside, and the prior's parts by stage (joint's parameter groups)."""
 
     def __init__(self, render_size: int) -> None:
         super().__init__()
@@ -179,10 +179,14 @@ class ReconShapePrior(PriorAdapter):
         """(B,3) predicted azimuth, elevation, distance."""
         return self.net(batch)["camera"]
 
-    def render_outputs(self, batch: dict, camera: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def render_outputs(self, batch: dict, camera=None) -> tuple[torch.Tensor, dict]:
         """(silhouette (B,r,r) at render_size, the recon net's outputs) for the predicted
-        camera, or for `camera` (B,3) with the placement refitted to the amodal box."""
+        camera, or for `camera` (B,3) with the placement refitted to the amodal box.
+        `camera` may also be a function of the recon outputs (the viewpoint estimator's
+        camera is solved against recon's mesh and box)."""
         out = self.net(batch)
+        if callable(camera):
+            camera = camera(out)
         if camera is None:
             sil = self.net.renderer(out["verts"], self.net.faces, out["camera"], out["place"], self.render_size)
         else:

@@ -59,7 +59,7 @@ class ViewpointNet(nn.Module):
 
     def predict(self, batch: dict) -> dict:
         """The estimator on a crop batch (reads visible, occluded, category only)."""
-        return self(batch["visible"], batch["occluded"], batch["category"])
+        return self(batch["visible"], batch["occluder"], batch["category"])
 
     def init_from(self, recon: ReconNet) -> list[str]:
         """Copy recon's encoder (and camera head when the shapes agree); names what was copied."""

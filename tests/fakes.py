@@ -73,12 +73,16 @@ def build_fake_dataset(tmp_path: Path) -> None:
     build_dataset(cfg.data, progress=False, load_objects=fake_objects)
 
 
+#: the training-target keys of a supervised stage's batches (StageSpec.targets): labels too
+TARGET_KEYS = ("amodal", "amodal_masks")
+
+
 class LabelGuard(dict):
-    """A batch whose evaluation-only entries (`eval_*`, the hidden ground truth) and the
-    `hidden` keys (what the protocol hides: the amodal box under gt-visible, or the
-    unknown pixels of a gt-visible test batch) raise when read, except the `allowed`
-    keys (a supervised stage's amodal target): the proof that a step does not see
-    them. Iterating over every entry raises too."""
+    """A batch whose label entries (`eval_*`, the hidden ground truth, and the training
+    targets `amodal` / `amodal_masks`) and the `hidden` keys (what the protocol hides:
+    the amodal box under gt-visible, or the unknown pixels of a gt-visible test batch)
+    raise when read, except the `allowed` keys (a supervised stage's amodal target):
+    the proof that a step does not see them. Iterating over every entry raises too."""
 
     def __init__(self, data, allowed=(), hidden=()):
         super().__init__(data)
@@ -88,6 +92,8 @@ class LabelGuard(dict):
     def __getitem__(self, key):
         if str(key).startswith("eval_") and key not in self.allowed:
             raise AssertionError(f"the training step read the evaluation-only key {key!r}")
+        if key in TARGET_KEYS and key not in self.allowed:
+            raise AssertionError(f"the training step read the label key {key!r}")
         if key in self.hidden:
             raise AssertionError(f"the step read {key!r}, which the protocol hides")
         return super().__getitem__(key)

@@ -41,7 +41,7 @@ def _view(azimuth: float, body=BODY) -> dict[str, torch.Tensor]:
     ys, xs = torch.nonzero(alpha, as_tuple=True)
     return {
         "rgb": torch.from_numpy(rgba[..., :3]).float().permute(2, 0, 1)[None] / 255.0,
-        "visible": alpha[None, None], "occluded": torch.zeros(1, 1, S, S), "category": torch.zeros(1, dtype=torch.long),
+        "visible": alpha[None, None], "occluder": torch.zeros(1, 1, S, S), "category": torch.zeros(1, dtype=torch.long),
         "crop_box": torch.tensor([[0.0, 0.0, S, S]]),
         "amodal_box": torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]).float(),
     }
@@ -126,7 +126,7 @@ def test_colour_error_tells_the_front_from_the_back(body):
     place = torch.tensor([[1.0, 0.0, 0.0]])  # the dataset render is the uncropped frame
     for seen in (0.0, 180.0):
         batch = _view(seen, body)
-        observed = batch["visible"] * (1 - batch["occluded"])
+        observed = batch["visible"] * (1 - batch["occluder"])
         errs, colours = {}, {}
         for az in (seen, seen + 180.0):
             xy, vis = visible_vertices(verts[None], faces, torch.tensor([[az, EL, DIST]]), place)

@@ -19,8 +19,8 @@ from amodal3d.datamodules.images import DetectionDataModule, ImageDataset
 
 #: gt-box items (training and validation); gt-visible ones lack amodal_box, and its test items unknown
 CONTRACT = {
-    "rgb", "visible", "occluded", "unknown", "category", "object_id", "crop_box", "amodal_box", "image_visible",
-    "image_occluded", "index", "eval_amodal", "eval_image_amodal", "eval_camera", "eval_view_id",
+    "rgb", "visible", "occluder", "unknown", "category", "object_id", "crop_box", "amodal_box", "image_visible",
+    "image_occluder", "index", "eval_amodal", "eval_image_amodal", "eval_camera", "eval_view_id",
     "eval_occlusion",
 }
 GT_VISIBLE_CONTRACT = CONTRACT - {"amodal_box"}
@@ -56,10 +56,10 @@ def test_item_contract_and_crop_geometry(erase_cfg):
     ds = CropDataset(erase_cfg.root, "val", crop_size=48, crop_margin=1.2, protocol="gt-box")
     it = ds[3]
     assert set(it) == CONTRACT
-    assert torch.equal(it["unknown"], it["occluded"]), "gt-box hands out the occluded pixels"
-    shapes = {"rgb": (3, 48, 48), "visible": (1, 48, 48), "occluded": (1, 48, 48), "category": (),
+    assert torch.equal(it["unknown"], it["occluder"]), "gt-box hands out the occluded pixels"
+    shapes = {"rgb": (3, 48, 48), "visible": (1, 48, 48), "occluder": (1, 48, 48), "category": (),
               "object_id": (), "crop_box": (4,), "amodal_box": (4,), "image_visible": (1, 64, 64),
-              "image_occluded": (1, 64, 64), "index": (), "eval_amodal": (1, 48, 48),
+              "image_occluder": (1, 64, 64), "index": (), "eval_amodal": (1, 48, 48),
               "eval_image_amodal": (1, 64, 64), "eval_camera": (3,), "eval_view_id": (), "eval_occlusion": ()}
     for k, s in shapes.items():
         assert tuple(it[k].shape) == s, k
@@ -68,7 +68,7 @@ def test_item_contract_and_crop_geometry(erase_cfg):
     for k in set(CONTRACT) - {"category", "object_id", "index", "eval_view_id"}:
         assert it[k].dtype == torch.float32, k
     assert 0 <= it["rgb"].min() and it["rgb"].max() <= 1
-    for k in ("visible", "occluded", "eval_amodal", "image_visible", "image_occluded", "eval_image_amodal",
+    for k in ("visible", "occluder", "eval_amodal", "image_visible", "image_occluder", "eval_image_amodal",
               "unknown"):
         assert set(torch.unique(it[k]).tolist()) <= {0.0, 1.0}, k
     x1, y1, x2, y2 = it["crop_box"].tolist()
@@ -100,9 +100,9 @@ def test_gt_visible_items_place_crops_on_the_visible_box_and_hide_the_answer(era
             assert x2 - x1 == pytest.approx(max(v[2] - v[0], v[3] - v[1]) * 2.0)
             assert (x1 + x2) / 2 == pytest.approx((v[0] + v[2]) / 2) and (y1 + y2) / 2 == pytest.approx((v[1] + v[3]) / 2)
             # one object per erase image: no other instance, so nothing is handed out as occluded
-            assert it["occluded"].sum() == 0 and it["image_occluded"].sum() == 0
+            assert it["occluder"].sum() == 0 and it["image_occluder"].sum() == 0
     it = val[3]
-    eraser = CropDataset(erase_cfg.root, "val", crop_size=48, protocol="gt-box")[3]["image_occluded"]
+    eraser = CropDataset(erase_cfg.root, "val", crop_size=48, protocol="gt-box")[3]["image_occluder"]
     assert torch.equal(it["unknown"], (crop_to_box(eraser[None], it["crop_box"][None], 48) > 0.5).float()[0])
     # the placement reads no amodal field: it works on an index without one
     idx = {k: v for k, v in val.reader.index.items() if k != "amodal_box"}
@@ -118,7 +118,7 @@ def test_gt_visible_occluded_is_the_other_instances_visible_masks(paste_cfg):
         vis = r.image_masks(img, ["visible"])["visible"]
         for i in range(lo, hi):
             others = np.delete(vis, i - lo, axis=0).any(axis=0)
-            assert np.array_equal(ds[i]["image_occluded"][0].numpy() > 0.5, others)
+            assert np.array_equal(ds[i]["image_occluder"][0].numpy() > 0.5, others)
             checked += int(hi - lo > 1)
     assert checked > 0
 
@@ -211,6 +211,46 @@ def test_paste_crops_and_detection_images(paste_cfg):
         assert crops[row]["object_id"] in t["object_id"]
 
 
+def test_training_targets_only_in_a_supervised_stages_train_and_val_items(paste_cfg):
+    """targets=("amodal",) adds the amodal mask under a training key (`amodal` for crops,
+    `amodal_masks` for images) to train and val items only; without it no item has one."""
+    for split in ("train", "val", "test"):
+        plain = CropDataset(paste_cfg.root, split, crop_size=32)[0]
+        supervised = CropDataset(paste_cfg.root, split, crop_size=32, targets=("amodal",))[0]
+        assert "amodal" not in plain
+        if split == "test":
+            assert "amodal" not in supervised
+        else:
+            assert torch.equal(supervised["amodal"], supervised["eval_amodal"])
+        _, t_plain = ImageDataset(paste_cfg.root, split)[0]
+        _, t_sup = ImageDataset(paste_cfg.root, split, targets=("amodal",))[0]
+        assert "amodal_masks" not in t_plain
+        assert ("amodal_masks" in t_sup) == (split != "test")
+    with pytest.raises(ValueError, match="training target 'camera'"):
+        CropDataset(paste_cfg.root, "train", targets=("camera",))
+
+
+def test_the_runner_gives_training_targets_to_the_supervised_stages_only(paste_cfg):
+    """Each stage's data carries exactly what its StageSpec declares: the unsupervised
+    and self-supervised stages (recon, viewpoint, render, pcnet_m) and step 1 get no
+    amodal mask outside the evaluation-only keys."""
+    from amodal3d.lightning_modules.registry import available_stages, get_stage
+    from amodal3d.config import load_config
+    from amodal3d.train import build_datamodule
+
+    supervised = {s for s in available_stages() if get_stage(s).targets}
+    assert supervised == {"refine", "refine_2d", "joint", "maskrcnn", "orcnn", "bcnet", "vrsp"}
+    assert {"recon", "viewpoint", "render", "pcnet_m", "visible"} <= set(available_stages()) - supervised
+    for name in ("recon", "refine", "visible", "maskrcnn"):
+        cfg = load_config(name, overrides=[f"data.root={paste_cfg.root}", "loader.num_workers=0",
+                                           "loader.batch_size=2", "trainer.devices=1", "trainer.accelerator=cpu"])
+        dm = build_datamodule(cfg, get_stage(name))
+        dm.setup("fit")
+        item = dm.train_dataloader().dataset[0]
+        keys = set(item[1]) if isinstance(item, tuple) else set(item)
+        assert bool(keys & {"amodal", "amodal_masks"}) == (name in supervised), name
+
+
 def test_missing_dataset_or_split_is_a_clear_error(tmp_path, erase_cfg):
     with pytest.raises(Exception, match="make data"):
         CropDataset(tmp_path / "nothing", "train")
@@ -257,3 +297,16 @@ def test_crop_coverage_grows_with_the_margin(erase_cfg):
 
     shares = coverage(erase_cfg.root, "val", [1.0, 2.0, 4.0])
     assert 0 <= shares[1.0] <= shares[2.0] <= shares[4.0] == 1.0
+
+
+def test_crop_ops_bench_compares_our_crop_and_paste_with_torchvisions(erase_cfg):
+    """`make bench-crops`: inside the image our crop samples exactly where roi_align(aligned=True,
+    sampling_ratio=1) does, and our paste undoes our crop (round trip close to the amodal mask)."""
+    from amodal3d.bench.crop_ops import crop_ops_markdown, crop_ops_report
+
+    r = crop_ops_report(erase_cfg.root, "val", 48, "gt-box", max_instances=16)
+    assert r["instances"] == 16 and r["windows_inside_image"] >= 1
+    assert r["crop_pixels_differing_inside"] == 0.0
+    assert r["round_trip_iou_ours"] > 0.9
+    assert 0.0 < r["round_trip_iou_torchvision"] <= 1.0
+    assert "| round trip IoU vs the amodal mask (%) |" in crop_ops_markdown(r)

@@ -124,6 +124,28 @@ def test_group_norm_everywhere_and_no_batch_norm():
     assert group_norm(16)(24).num_groups == 8
 
 
+def test_min_and_max_sides_set_the_transform_and_anchors_of_wide_images():
+    """model.min_size / max_size (real datasets: KINS is 1242x375): torchvision's resize rule,
+    anchors on the shorter side, and detections returned in each image's own frame."""
+    from amodal3d.errors import ConfigError
+
+    m = DetectorModelConfig(fpn_channels=16, box_representation=32, mask_channels=16, mask_layers=1,
+                            min_size=48, max_size=80)
+    net = build_maskrcnn(m, num_classes=3, image_size=64)
+    assert net.transform.min_size == (48,) and net.transform.max_size == 80
+    assert [s[0] for s in net.rpn.anchor_generator.sizes] == [6.0, 12.0, 24.0, 48.0]
+    images = [torch.rand(3, 40, 96), torch.rand(3, 64, 48)]
+    batch, _ = net.transform(images)
+    # 40x96: min(48/40, 80/96) -> longer side capped at 80; 64x48: shorter side to 48 -> 64x48
+    assert batch.image_sizes == [(33, 80), (64, 48)]
+    net.eval()
+    with torch.no_grad():
+        out = net(images)
+    assert out[0]["masks"].shape[-2:] == (40, 96) and out[1]["masks"].shape[-2:] == (64, 48)
+    with pytest.raises(ConfigError, match="model.max_size=-1"):
+        build_maskrcnn(DetectorModelConfig(max_size=-1), num_classes=3, image_size=64)
+
+
 # -- the stages ------------------------------------------------------------------------------
 
 
@@ -156,7 +178,7 @@ def test_visible_stage_reads_no_amodal_mask(tiny):
     from amodal3d.datamodules.images import ImageDataset, collate_detection
 
     stage = VisibleStage(load_config("visible", overrides=_ov(tiny)))
-    images, targets = collate_detection([ImageDataset(tiny / "data", "train")[i] for i in range(2)])
+    images, targets = collate_detection([ImageDataset(tiny / "data", "train", targets=("amodal",))[i] for i in range(2)])
     guarded = [LabelGuard(t) for t in targets]
     loss = stage.training_step((images, guarded), 0)
     assert math.isfinite(float(loss))
@@ -167,7 +189,7 @@ def test_visible_stage_reads_no_amodal_mask(tiny):
     # the guard does catch a stage that reads them: Mask R-CNN (amodal) trains on amodal masks
     from amodal3d.lightning_modules.baselines.maskrcnn import MaskRCNNStage
 
-    with pytest.raises(AssertionError, match="eval_amodal_masks"):
+    with pytest.raises(AssertionError, match="amodal_masks"):
         MaskRCNNStage(load_config("maskrcnn", overrides=_ov(tiny))).training_step((images, guarded), 0)
 
 

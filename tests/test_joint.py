@@ -51,7 +51,7 @@ def _cfg(tmp: Path, runs: Path | None = None, *extra: str):
 def _batch(tmp: Path, n: int = 4) -> dict:
     from amodal3d.datamodules.crops import CropDataset, collate_crops
 
-    ds = CropDataset(tmp / "data", "train", crop_size=64)
+    ds = CropDataset(tmp / "data", "train", crop_size=64, targets=("amodal",))  # joint trains on amodal masks
     return collate_crops([ds[i] for i in range(n)])
 
 
@@ -110,7 +110,7 @@ def test_training_step_trains_the_prior_end_to_end_without_hidden_labels(tiny, m
     seen = {}
     monkeypatch.setattr(joint, "log", lambda name, value, **kw: seen.__setitem__(name, float(value)))
     joint.train()
-    loss = joint.training_step(LabelGuard(_batch(tiny), allowed={"eval_amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
+    loss = joint.training_step(LabelGuard(_batch(tiny), allowed={"amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
     loss.backward()
     enc = [p.grad for p in joint.prior.net.encoder.parameters() if p.grad is not None]
     assert enc and sum(float(g.abs().sum()) for g in enc) > 0, "no gradient reaches the recon encoder"

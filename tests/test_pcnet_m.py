@@ -54,7 +54,7 @@ def disk_batch(b: int, s: int = 32, seed: int = 0) -> dict:
     occ = disks(cy + dist * torch.sin(angle), cx + dist * torch.cos(angle), r_occ)
     visible = amodal & ~occ
     rgb = torch.rand(b, 3, 1, 1, generator=g).expand(b, 3, s, s) * visible
-    return {"rgb": rgb.float(), "visible": visible.float(), "occluded": occ.float(),
+    return {"rgb": rgb.float(), "visible": visible.float(), "occluder": occ.float(),
             "category": torch.zeros(b, dtype=torch.long), "eval_amodal": amodal.float()}
 
 
@@ -132,7 +132,7 @@ def test_predict_amodal_completes_only_inside_the_occluder():
     with torch.no_grad():
         p = m.predict_amodal(b)
     assert p.shape == (5, 1, 32, 32) and float(p.min()) >= 0 and float(p.max()) <= 1
-    outside = b["occluded"] < 0.5
+    outside = b["occluder"] < 0.5
     assert torch.equal(p[outside], b["visible"][outside])
 
 
@@ -141,7 +141,7 @@ def test_gt_visible_prediction_erases_everything_outside_the_visible_mask():
     the visible mask, keeps the visible mask, and never reads the occluded channel."""
     m = small_module("gt-visible").eval()
     b = disk_batch(5, seed=4)
-    guarded = LabelGuard({k: v for k, v in b.items() if k != "occluded"}, hidden=("amodal_box", "unknown"))
+    guarded = LabelGuard({k: v for k, v in b.items() if k != "occluder"}, hidden=("amodal_box", "unknown"))
     with torch.no_grad():
         p = m.predict_amodal(guarded)
         logits = m(b["visible"], 1 - b["visible"], b["rgb"])

@@ -149,7 +149,7 @@ def test_crops_are_the_datamodules():
     for i in range(2):
         rgb, (v, o) = crop_arrays(img, [vis[i], occ[i]], square_crop_box(boxes[i], 1.15), sampler)
         assert np.allclose(crops["rgb"][i].numpy(), rgb, atol=1e-5)
-        assert np.array_equal(crops["visible"][i].numpy(), v) and np.array_equal(crops["occluded"][i].numpy(), o)
+        assert np.array_equal(crops["visible"][i].numpy(), v) and np.array_equal(crops["occluder"][i].numpy(), o)
 
 
 def test_coco_boxes_are_those_of_the_masks():

@@ -42,7 +42,7 @@ def test_orcnn_targets_are_amodal_and_not_visible(tiny):
     visible[0, 2:6, 2:4] = 1
     visible[0, 0, 0] = 1  # a visible pixel outside the amodal mask (annotation noise): not invisible
     t = stage.train_targets({"amodal_boxes": torch.tensor([[2.0, 2, 6, 6]]), "labels": torch.tensor([1]),
-                             "masks": visible, "eval_amodal_masks": amodal})
+                             "masks": visible, "amodal_masks": amodal})
     expected = torch.zeros_like(amodal)
     expected[0, 2:6, 4:6] = 1
     assert torch.equal(t["invisible_masks"], expected)
@@ -59,8 +59,8 @@ def test_orcnn_fast_dev_run_and_labels(tiny):
         assert key in summary["metrics"], key
     # trains on amodal and visible masks, boxes and classes; no camera, view or occluder key
     stage = OrcnnStage(load_config("orcnn", overrides=_ov(tiny)))
-    images, targets = collate_detection([ImageDataset(tiny / "data", "train")[i] for i in range(2)])
-    guarded = [LabelGuard(t, allowed={"eval_amodal_masks"}, hidden={"occluder_masks"}) for t in targets]
+    images, targets = collate_detection([ImageDataset(tiny / "data", "train", targets=("amodal",))[i] for i in range(2)])
+    guarded = [LabelGuard(t, allowed={"amodal_masks"}, hidden={"occluder_masks"}) for t in targets]
     loss = stage.training_step((images, guarded), 0)
     assert math.isfinite(float(loss))
     from amodal3d.lightning_modules.detector import keep_trainable
@@ -105,8 +105,8 @@ def test_bcnet_fast_dev_run_trains_four_outputs_on_amodal_and_occluder_targets(t
     assert summary["global_step"] == 1 and math.isfinite(summary["metrics"]["train/loss"])
     assert "val/amodal_mask_ap" in summary["metrics"] and "val/detect_miou" in summary["metrics"]
     stage = BCNetStage(load_config("bcnet", overrides=_ov(tiny)))
-    images, targets = collate_detection([ImageDataset(tiny / "data", "train")[i] for i in range(2)])
-    guarded = [LabelGuard(t, allowed={"eval_amodal_masks"}, hidden={"masks"}) for t in targets]  # no visible mask
+    images, targets = collate_detection([ImageDataset(tiny / "data", "train", targets=("amodal",))[i] for i in range(2)])
+    guarded = [LabelGuard(t, allowed={"amodal_masks"}, hidden={"masks"}) for t in targets]  # no visible mask
     tt = [keep_trainable(stage.train_targets(t), *img.shape[-2:]) for img, t in zip(images, guarded)]
     assert torch.equal(tt[0]["occluder_masks"], targets[0]["occluder_masks"])
     losses = stage.net(images, tt)

@@ -61,7 +61,7 @@ def synthetic_batch(objects: int = 2, views: int = 2, seed: int = 0) -> dict[str
     g = torch.Generator().manual_seed(seed)
     renderer = CropRenderer(backend="pytorch3d")
     rows: dict[str, list] = {k: [] for k in (
-        "rgb", "visible", "occluded", "unknown", "category", "object_id", "crop_box", "amodal_box",
+        "rgb", "visible", "occluder", "unknown", "category", "object_id", "crop_box", "amodal_box",
         "eval_amodal", "eval_camera")}
     for o in range(objects):
         verts, faces = _ellipsoid((1.0, 0.5 + 0.3 * o, 0.35))
@@ -77,7 +77,7 @@ def synthetic_batch(objects: int = 2, views: int = 2, seed: int = 0) -> dict[str
             occ[:, x0:x0 + 10] = True
             rows["rgb"].append(sil.float()[None].repeat(3, 1, 1) * torch.tensor([0.8, 0.3, 0.2]).view(3, 1, 1))
             rows["visible"].append((sil & ~occ).float()[None])
-            rows["occluded"].append(occ.float()[None])
+            rows["occluder"].append(occ.float()[None])
             rows["unknown"].append(occ.float()[None])
             rows["category"].append(torch.tensor(o % 2))
             rows["object_id"].append(torch.tensor(o))

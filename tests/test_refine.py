@@ -68,11 +68,11 @@ def crop_batch(b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
         occ.append(o)
     amodal, occ = torch.stack(amodal)[:, None], torch.stack(occ)[:, None]
     return {
-        "rgb": torch.rand(b, 3, S, S, generator=g), "visible": amodal * (1 - occ), "occluded": occ,
+        "rgb": torch.rand(b, 3, S, S, generator=g), "visible": amodal * (1 - occ), "occluder": occ,
         "category": torch.arange(b) % 2, "object_id": torch.arange(b), "index": torch.arange(b),
         "crop_box": torch.tensor([[0.0, 0.0, S, S]]).repeat(b, 1),
         "amodal_box": torch.tensor([[4.0, 4.0, 28.0, 28.0]]).repeat(b, 1),
-        "image_visible": amodal * (1 - occ), "image_occluded": occ, "eval_amodal": amodal,
+        "image_visible": amodal * (1 - occ), "image_occluder": occ, "amodal": amodal, "eval_amodal": amodal,
         "eval_image_amodal": amodal, "eval_camera": torch.tensor([[30.0, 30.0, 2.732]]).repeat(b, 1),
     }
 
@@ -99,28 +99,28 @@ def test_region_specific_output_keeps_the_visible_mask_and_the_gate():
     net = RefineNet(4, 2, gate="occluded")
     with torch.no_grad():
         net.unet.head.bias.fill_(-50.0)  # a net that wants to predict nothing...
-        lo = net(batch["rgb"], batch["visible"], batch["occluded"], torch.zeros_like(batch["visible"]))["prob"]
+        lo = net(batch["rgb"], batch["visible"], batch["occluder"], torch.zeros_like(batch["visible"]))["prob"]
         net.unet.head.bias.fill_(50.0)  # ...and one that wants everything
-        hi = net(batch["rgb"], batch["visible"], batch["occluded"], torch.zeros_like(batch["visible"]))["prob"]
-    vis, occ = batch["visible"] > 0.5, batch["occluded"] > 0.5
+        hi = net(batch["rgb"], batch["visible"], batch["occluder"], torch.zeros_like(batch["visible"]))["prob"]
+    vis, occ = batch["visible"] > 0.5, batch["occluder"] > 0.5
     assert bool((lo[vis] > 0.5).all()) and bool((hi[vis] > 0.5).all())  # visible ⊆ output
     assert bool((hi[~vis & ~occ] < 0.5).all())  # never grows where nothing can hide it
     assert bool((hi[~vis & occ] > 0.5).all()) and bool((lo[~vis] < 0.5).all())  # the occluded region is free
     free = RefineNet(4, 2, gate="outside_visible")
     with torch.no_grad():
         free.unet.head.bias.fill_(50.0)
-        everywhere = free(batch["rgb"], batch["visible"], batch["occluded"], torch.zeros_like(batch["visible"]))["prob"]
+        everywhere = free(batch["rgb"], batch["visible"], batch["occluder"], torch.zeros_like(batch["visible"]))["prob"]
     assert bool((everywhere > 0.5).all())
     plain = RefineNet(4, 2, region_specific=False)
     with torch.no_grad():
         plain.unet.head.bias.fill_(-50.0)
-        p = plain(batch["rgb"], batch["visible"], batch["occluded"], torch.zeros_like(batch["visible"]))["prob"]
+        p = plain(batch["rgb"], batch["visible"], batch["occluder"], torch.zeros_like(batch["visible"]))["prob"]
     assert bool((p[vis] < 0.5).all())  # the plain ablation has no such guarantee
 
 
 def test_loss_regions_and_separately_weighted_terms():
     batch = crop_batch(b=2)
-    amodal, vis, occ = batch["eval_amodal"], batch["visible"], batch["occluded"]
+    amodal, vis, occ = batch["eval_amodal"], batch["visible"], batch["occluder"]
     free = occ * (1 - vis)
     reg = loss_regions(amodal, vis, free, band_width=1, hidden_dilate=1)
     hidden_gt = (amodal * (1 - vis)) > 0.5
@@ -149,7 +149,7 @@ def test_training_step_reads_only_the_amodal_target_and_keeps_the_prior_frozen()
     stage = RefineStage(refine_cfg(), prior_factory=lambda cfg: prior)
     assert stage.prior_source == {"kind": "custom"}
     stage.train()
-    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"eval_amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
+    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
     assert torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in stage.net.parameters() if p.grad is not None]
@@ -163,7 +163,7 @@ def test_training_step_reads_only_the_amodal_target_and_keeps_the_prior_frozen()
         bad = stage.refine_terms(batch, torch.zeros_like(batch["visible"]))["loss"]
     assert float(good) < 0.5 * float(bad)
     stage.train()
-    with pytest.raises(AssertionError, match="eval_amodal"):
+    with pytest.raises(AssertionError, match="label key .amodal."):
         stage.training_step(LabelGuard(crop_batch()), 0)
 
 
@@ -177,7 +177,7 @@ def test_training_step_with_the_recon_prior_reads_no_other_hidden_label():
     assert not any(p.requires_grad for p in stage.prior.parameters())
     stage.train()
     assert not stage.prior.training  # frozen: BatchNorm statistics stay the checkpoint's
-    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"eval_amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
+    loss = stage.training_step(LabelGuard(crop_batch(), allowed={"amodal"}, hidden=GT_VISIBLE_TRAIN_HIDDEN), 0)
     loss.backward()
     assert all(p.grad is None for p in stage.prior.parameters())
     with torch.no_grad():

@@ -135,7 +135,7 @@ def test_synthesised_samples_look_like_loader_crops():
     params = OccluderParams(ratio_min=0.1, ratio_max=0.6)
     s = synthesise(recon, verts, torch.zeros(4, dtype=torch.long), params, crop_margin=1.15,
                    generator=torch.Generator().manual_seed(0))
-    amo, vis, occ = s["amodal"], s["visible"], s["occluded"]
+    amo, vis, occ = s["amodal"], s["visible"], s["occluder"]
     assert torch.equal(vis, amo * (1 - occ))
     assert ((s["camera"][:, 1] >= 0) & (s["camera"][:, 1] <= 60)).all()
     assert ((s["camera"][:, 2] >= 2.2) & (s["camera"][:, 2] <= 3.2)).all()
@@ -160,7 +160,7 @@ def test_gt_visible_samples_are_framed_on_their_visible_part():
     params = OccluderParams(ratio_min=0.3, ratio_max=0.6)
     s = synthesise(recon, verts, torch.zeros(4, dtype=torch.long), params, crop_margin=1.15,
                    generator=torch.Generator().manual_seed(0), visible_margin=2.5)
-    assert s["occluded"].sum() == 0 and s["unknown"].sum() > 0
+    assert s["occluder"].sum() == 0 and s["unknown"].sum() > 0
     assert ((s["visible"] <= s["amodal"]) & (s["visible"] * s["unknown"] == 0)).all()
     for i in range(4):
         ys, xs = torch.nonzero(s["visible"][i, 0] > 0.5, as_tuple=True)

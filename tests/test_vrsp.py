@@ -104,8 +104,8 @@ def test_vrsp_reads_only_its_papers_labels_and_trains_the_autoencoder_in_phase_o
     from amodal3d.lightning_modules.detector import keep_trainable
 
     stage = VrspStage(load_config("vrsp", overrides=_ov(tiny)))
-    images, targets = collate_detection([ImageDataset(tiny / "data", "train")[i] for i in range(2)])
-    guarded = [LabelGuard(t, allowed={"eval_amodal_masks"}, hidden={"occluder_masks"}) for t in targets]
+    images, targets = collate_detection([ImageDataset(tiny / "data", "train", targets=("amodal",))[i] for i in range(2)])
+    guarded = [LabelGuard(t, allowed={"amodal_masks"}, hidden={"occluder_masks"}) for t in targets]
     loss = stage.training_step((images, guarded), 0)
     assert math.isfinite(float(loss))
     tt = [keep_trainable(stage.train_targets(t), *img.shape[-2:]) for img, t in zip(images, guarded)]

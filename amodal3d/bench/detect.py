@@ -94,7 +94,7 @@ def step1_crops(images: list[torch.Tensor], dets: list[dict], crop_size: int, ma
         crops["category"] = (d["labels"][keep].cpu() - 1).clamp_min(0)
         # the image-frame inputs, as a gt-visible crop item carries them (the reference rules use them)
         crops["image_visible"] = torch.from_numpy(v[:, None].astype(np.float32))
-        crops["image_occluded"] = torch.from_numpy(others[:, None].astype(np.float32))
+        crops["image_occluder"] = torch.from_numpy(others[:, None].astype(np.float32))
         parts.append(crops)
     if not parts:
         return None, kept

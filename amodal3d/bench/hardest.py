@@ -51,7 +51,7 @@ def hardest_instances(module, loader, device: torch.device, per_category: int = 
             cases.append({
                 "iou": float(iou[i]),
                 "rgb": (batch["rgb"][i].detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8),
-                "visible": _mask(batch["visible"][i]), "occluded": _mask(batch["occluded"][i]),
+                "visible": _mask(batch["visible"][i]), "occluder": _mask(batch["occluder"][i]),
                 "amodal": _mask(batch["eval_amodal"][i]), "pred": _mask(prob[i]),
             })
             cases.sort(key=lambda d: d["iou"])
@@ -60,7 +60,7 @@ def hardest_instances(module, loader, device: torch.device, per_category: int = 
 
 
 def _prediction_overlay(case: dict) -> np.ndarray:
-    out = overlay(case["rgb"], case["pred"] | case["visible"], case["visible"], case["occluded"])
+    out = overlay(case["rgb"], case["pred"] | case["visible"], case["visible"], case["occluder"])
     out[mask_outline(case["amodal"])] = _WHITE  # the true amodal outline over the prediction
     return out
 
@@ -82,7 +82,7 @@ def hardest_sheet(cases: dict[str, list[dict]], out_png: str | os.PathLike, meth
         draw.text((4, y + size // 2 - 6), cat, fill=(0, 0, 0))
         for col, case in enumerate(items):
             x = label_w + col * cell
-            truth = overlay(case["rgb"], case["amodal"], case["visible"], case["occluded"])
+            truth = overlay(case["rgb"], case["amodal"], case["visible"], case["occluder"])
             for j, arr in enumerate((case["rgb"], truth, _prediction_overlay(case))):
                 tile = Image.fromarray(arr).resize((size, size), Image.Resampling.NEAREST)
                 sheet.paste(tile, (x + j * (size + 2), y))

@@ -52,7 +52,7 @@ def _in_memory_rate(dm: CropDataModule, split: str, n_items: int, batch_size: in
         for j in range(lo, min(lo + batch_size, len(rows))):
             rgb, (v, o, a) = crop_arrays(images[j], [vis[j], occ[j], amo[j]], boxes[j], sampler)
             items.append({"rgb": torch.from_numpy(rgb), "visible": torch.from_numpy(v),
-                          "occluded": torch.from_numpy(o), "eval_amodal": torch.from_numpy(a)})
+                          "occluder": torch.from_numpy(o), "eval_amodal": torch.from_numpy(a)})
         default_collate(items)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     return len(rows) / wall, len(rows) / max(cpu, 1e-9)

@@ -93,11 +93,11 @@ class ReferenceRule(AmodalStage):
             from amodal3d.models.mesh_renderer import box_in_crop
 
             box = box_in_crop(batch["amodal_box"].float(), batch["crop_box"].float(), s)
-        return self.rule(batch["visible"].float(), batch["occluded"].float(), box)
+        return self.rule(batch["visible"].float(), batch["occluder"].float(), box)
 
     def image_prediction(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         box = batch["amodal_box"].float() if "amodal_box" in batch else None
-        image = self.rule(batch["image_visible"].float(), batch["image_occluded"].float(), box)
+        image = self.rule(batch["image_visible"].float(), batch["image_occluder"].float(), box)
         return self.predict_amodal(batch), image
 
 

@@ -1,4 +1,4 @@
-"""`python -m amodal3d bench [table|speed|loader|raster|hardest|recon|all] [options] [key=value ...]`.
+"""`python -m amodal3d bench [table|seeds|speed|loader|raster|crops|hardest|recon|detections|all] [options] [key=value ...]`.
 
 Each part runs alone or all together (`make bench`); each writes its markdown
 (and CSV/JSON) under --out (default bench/) and a TensorBoard text summary
@@ -18,7 +18,7 @@ from pathlib import Path
 from amodal3d.config import REPO_ROOT, load_config
 from amodal3d.atomic import write_json_atomic
 
-PARTS = ("table", "seeds", "speed", "loader", "raster", "hardest", "recon", "detections", "all")
+PARTS = ("table", "seeds", "speed", "loader", "raster", "crops", "hardest", "recon", "detections", "all")
 #: the experiment whose runs each protocol's table scores when --exp is not given
 PROTOCOL_EXPERIMENTS = {"gt-visible": None, "gt-box": "gt_box", "detect": None}
 #: protocols a config can be trained under (the crop stages); `detect` scores any experiment's runs
@@ -262,6 +262,13 @@ def part_raster(args, cfg, device, meta: dict, out: Path) -> str:
     return _part_report("raster", "Rasteriser throughput", run_raster_bench(device), meta, out)
 
 
+def part_crops(args, cfg, device, meta: dict, out: Path) -> str:
+    from amodal3d.bench.crop_ops import crop_ops_markdown, crop_ops_report
+
+    r = crop_ops_report(cfg.data.root, "val", int(cfg.loader.crop_size), str(cfg.protocol), device=device)
+    return _part_report("crops", "Crop and paste: ours vs torchvision's", (r, crop_ops_markdown(r)), meta, out)
+
+
 def part_hardest(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
     from amodal3d.bench.hardest import hardest_instances, hardest_sheet
@@ -332,7 +339,7 @@ def part_recon(args, cfg, device, meta: dict, out: Path) -> str:
 
 
 PART_FUNCS = {"table": part_table, "seeds": part_seeds, "speed": part_speed, "loader": part_loader, "raster": part_raster,
-              "hardest": part_hardest, "recon": part_recon, "detections": part_detections}
+              "crops": part_crops, "hardest": part_hardest, "recon": part_recon, "detections": part_detections}
 
 
 def main(argv: list[str]) -> int:

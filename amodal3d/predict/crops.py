@@ -23,7 +23,7 @@ def make_crops(
                        torch.from_numpy(occluded[:, None].astype(np.float32))], dim=1)
     out = crop_to_box(chans, crop_box, crop_size)
     return {"rgb": out[:, :3].contiguous(), "visible": (out[:, 3:4] > 0.5).float(),
-            "occluded": (out[:, 4:5] > 0.5).float(), "crop_box": crop_box}
+            "occluder": (out[:, 4:5] > 0.5).float(), "crop_box": crop_box}
 
 
 def occluder_masks(visible: np.ndarray, mode: str) -> np.ndarray:

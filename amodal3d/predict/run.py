@@ -146,7 +146,7 @@ def _run_model(module, prepared: list[_Prepared], batch_size: int, device: torch
     """Amodal probabilities in the crop frame, one (n_i,1,S,S) tensor per prepared image;
     with meshes, each prepared image also gets `p.meshes`: (verts (n_i,V,3), cameras (n_i,3))
     of the 3D prior behind each mask."""
-    keys = [k for k in ("rgb", "visible", "occluded", "crop_box", "amodal_box") if k in prepared[0].crops]
+    keys = [k for k in ("rgb", "visible", "occluder", "crop_box", "amodal_box") if k in prepared[0].crops]
     allc = {k: torch.cat([p.crops[k] for p in prepared]) for k in keys}
     allc["category"] = torch.from_numpy(np.concatenate([p.category for p in prepared]))
     n = allc["category"].shape[0]

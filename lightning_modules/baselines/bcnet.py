@@ -20,7 +20,7 @@ from amodal3d.models.maskrcnn import DetectorModelConfig, group_norm
 
 class BCNetStage(MaskRCNNStage):
     def train_targets(self, target: dict) -> dict:
-        return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["eval_amodal_masks"],
+        return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["amodal_masks"],
                 "occluder_masks": target["occluder_masks"]}
 
     def mask_branch(self):
@@ -36,6 +36,7 @@ STAGE = StageSpec(
     module=BCNetStage,
     model_schema=DetectorModelConfig,
     data="images",
+    targets=("amodal",),
     method="BCNet",
     table_order=22,
     help="BCNet baseline: bilayer occluder/occludee mask head with non-local blocks, from scratch",

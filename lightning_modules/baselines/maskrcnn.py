@@ -16,7 +16,7 @@ from amodal3d.models.maskrcnn import DetectorModelConfig
 
 class MaskRCNNStage(DetectorStage):
     def train_targets(self, target: dict) -> dict:
-        return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["eval_amodal_masks"]}
+        return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["amodal_masks"]}
 
     def eval_metric_factories(self) -> dict:
         n = len(self.class_names)
@@ -35,6 +35,7 @@ STAGE = StageSpec(
     module=MaskRCNNStage,
     model_schema=DetectorModelConfig,
     data="images",
+    targets=("amodal",),
     method="Mask R-CNN",
     table_order=20,
     help="Mask R-CNN (amodal) baseline: amodal boxes and masks as targets, from scratch",

@@ -17,7 +17,7 @@ from amodal3d.models.orcnn import OrcnnMaskBranch
 
 class OrcnnStage(MaskRCNNStage):
     def train_targets(self, target: dict) -> dict:
-        amodal, visible = target["eval_amodal_masks"], target["masks"]
+        amodal, visible = target["amodal_masks"], target["masks"]
         return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": amodal,
                 "visible_masks": visible, "invisible_masks": amodal * (1 - visible)}
 
@@ -33,6 +33,7 @@ STAGE = StageSpec(
     module=OrcnnStage,
     model_schema=DetectorModelConfig,
     data="images",
+    targets=("amodal",),
     method="ORCNN",
     table_order=21,
     help="ORCNN baseline: amodal + visible mask heads, invisible = amodal - relu(visible), from scratch",

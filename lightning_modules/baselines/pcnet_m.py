@@ -7,7 +7,7 @@ it (the mask must be left as it is, which stops the net from growing every
 shape into every eraser). The loss is weighted up inside the eraser. No amodal
 label is read in training. At test time the eraser is what the protocol
 allows (`model.test_eraser`): under gt-box the region known to occlude the
-instance (the batch's `occluded` key), under gt-visible everything outside the
+instance (the batch's `occluder` key), under gt-visible everything outside the
 visible mask (no eraser is given there); the completion replaces the mask only
 inside the eraser. The checkpoint is chosen by the label-free
 `val/completion_loss`: the training loss on validation crops with erasers drawn
@@ -140,7 +140,7 @@ class PCNetMModule(AmodalStage):
     def predict_amodal(self, batch: dict) -> torch.Tensor:
         visible = batch["visible"].float()
         if self.test_eraser == "occluded":
-            eraser = batch["occluded"].float() * (1 - visible)
+            eraser = batch["occluder"].float() * (1 - visible)
         else:
             eraser = 1 - visible
         rgb = batch["rgb"] if self.use_rgb else None

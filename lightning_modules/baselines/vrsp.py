@@ -68,7 +68,7 @@ class VrspStage(MaskRCNNStage):
     model_schema = VrspModelConfig
 
     def train_targets(self, target: dict) -> dict:
-        return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["eval_amodal_masks"],
+        return {"boxes": target["amodal_boxes"], "labels": target["labels"], "masks": target["amodal_masks"],
                 "visible_masks": target["masks"]}
 
     def mask_branch(self):
@@ -134,13 +134,13 @@ def build_codebook(cfg: DictConfig, folder: Path) -> dict:
     ae.load_state_dict(submodule_state(ckpt, AUTOENCODER))
     ae.eval()
     names = class_names(cfg)  # the codebook has one entry set per category of the run's table
-    ds = ImageDataset(cfg.data.root, "train")
+    ds = ImageDataset(cfg.data.root, "train", targets=("amodal",))
     loader = DataLoader(ds, batch_size=32, num_workers=int(cfg.loader.num_workers), collate_fn=collate_detection)
     latents: list[list[torch.Tensor]] = [[] for _ in names]
     with torch.no_grad():
         for images, targets in loader:
             for img, t in zip(images, targets):
-                t = keep_trainable({"boxes": t["amodal_boxes"], "masks": t["eval_amodal_masks"],
+                t = keep_trainable({"boxes": t["amodal_boxes"], "masks": t["amodal_masks"],
                                     "category": t["category"]}, *img.shape[-2:])
                 crops = roi_masks(t["masks"], t["boxes"])
                 n = len(crops)
@@ -205,6 +205,7 @@ STAGE = StageSpec(
     module=VrspStage,
     model_schema=VrspModelConfig,
     data="images",
+    targets=("amodal",),
     method="ShapeDict",
     table_order=23,
     help="VRSP/ShapeDict baseline: coarse + visible-attention refinement + codebook shape prior, 3 phases, from scratch",
