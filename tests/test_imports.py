@@ -140,12 +140,18 @@ def test_visible_outside_amodal_and_a_given_occluder(tmp_path):
     occ = np.zeros((h, w), bool)
     occ[-3:, -3:] = True
     ann["occluder_mask"] = rle_str(occ)
+    second = next(a for a in doc["annotations"][1:] if a["image_id"] != doc["images"][1]["id"])  # not the hidden one
+    second["occluder_mask"] = [[1.0, 1.0, 2.0, 2.0]]  # a 2-point polygon: no geometry, not "nothing in front"
     open(path, "w").write(json.dumps(doc))
     cfg = import_config("coco_amodal", fx, tmp_path / "data")
     m = build_dataset(cfg.data, progress=False)
     assert m["rules"]["train"]["visible_outside_amodal"] == 1
     assert m["rules"]["train"]["visible_outside_amodal_pixels"] == 1
     assert m["rules"]["train"]["occluder_given"] == 1
+    assert m["rules"]["train"]["occluder_degenerate"] == 1
+    (listed,) = [r for r in m["skipped_annotations"]["train"] if r["field"] == "occluder"]
+    assert listed["annotation_id"] == second["id"] and listed["kept"] is True
+    assert not any("occluder rule" in reason for reason in m["counts"]["train"]["skipped"])  # still an instance
     masks = SplitReader(tmp_path / "data", "train").instance_masks(0)
     assert masks["amodal"][0, 0] and masks["visible"][0, 0]  # the amodal mask grew to hold it
     np.testing.assert_array_equal(masks["occluder"], occ & ~masks["visible"])
@@ -289,4 +295,5 @@ def test_stages_train_and_the_bench_tables_the_datasets_categories(tmp_path, fmt
     for img in doc["images"]:
         h, w = np.asarray(Image.open(img["file_name"])).shape[:2]
         assert (h, w) == (img["height"], img["width"])
-        assert np.asarray(Image.open(out / img["overlay"])).shape[:2] == (h, w)
+        oh, ow = np.asarray(Image.open(out / img["overlay"])).shape[:2]
+        assert oh % h == 0 and oh // h == ow / w, (oh, ow, h, w)  # its frame, enlarged (nearest)

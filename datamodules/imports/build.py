@@ -14,7 +14,10 @@ counted in the manifest's `rules`:
 - `occluder`: where no occluder mask is annotated, an instance's occluder is the
   union of the other instances' visible masks and its own hidden part (every pixel
   where something else is seen, or where it is known to be hidden), minus its
-  visible mask.
+  visible mask. An annotated occluder polygon without geometry is not taken for
+  "nothing in front": the instance is kept, its occluder follows the rule above,
+  and it is counted (`occluder_degenerate`) and listed in `skipped_annotations`
+  with `"kept": true` (an RLE without pixels is a valid empty occluder).
 - annotations whose amodal mask has no geometry (every polygon under 3 points, no
   pixel) or whose visible polygons are degenerate are skipped and listed in the
   manifest's `skipped_annotations` (split, image id, annotation id, field, reason);
@@ -58,7 +61,7 @@ IMPORT_VERSION = 1
 #: images per shard (data.shard_size counts instances; an imported image holds up to dozens)
 IMAGES_PER_SHARD_DIVISOR = 16
 RULES = ("visible_outside_amodal", "visible_outside_amodal_pixels", "fully_occluded", "occluder_from_rule",
-         "occluder_given")
+         "occluder_given", "occluder_degenerate")
 
 
 def is_import(cfg: dict) -> bool:
@@ -173,9 +176,12 @@ def check_split(split: ParsedSplit, source_path: str | Path) -> None:
 # ----------------------------------------------------------------------------- one image
 
 
-def _skip(split: ParsedSplit, im: ParsedImage, inst, field: str, reason: str) -> None:
-    split.skipped.append({"annotation_id": int(inst.ann_id), "image_id": int(im.image_id), "field": field,
-                          "reason": reason})
+def _skip(split: ParsedSplit, im: ParsedImage, inst, field: str, reason: str, kept: bool = False) -> None:
+    """List a bad annotation (kept: the instance stays, only this field was replaced by a rule)."""
+    entry = {"annotation_id": int(inst.ann_id), "image_id": int(im.image_id), "field": field, "reason": reason}
+    if kept:
+        entry["kept"] = True
+    split.skipped.append(entry)
 
 
 def image_composite(split: ParsedSplit, im: ParsedImage, folder: Path, rules: dict[str, int]) -> Composite:
@@ -214,8 +220,12 @@ def image_composite(split: ParsedSplit, im: ParsedImage, folder: Path, rules: di
         if inst.occluder is not None:
             try:
                 occ = decode_segment(inst.occluder, h, w)
-            except DegenerateMask:
-                occ = np.zeros_like(a)
+            except DegenerateMask as err:
+                if inst.occluder[0] == "polygon":  # no geometry: the rule decides, said in the manifest
+                    rules["occluder_degenerate"] += 1
+                    _skip(split, im, inst, "occluder", f"{err}; the occluder rule is used instead", kept=True)
+                else:
+                    occ = np.zeros_like(a)  # an RLE without pixels: nothing annotated in front
         kept.append(inst)
         amodal.append(a)
         visible.append(v)
@@ -327,7 +337,8 @@ def import_dataset(cfg: dict, progress: bool = True) -> dict:
                 records[name], rules[name] = import_split(root, cfg, name, split, gen_hash, prog)
                 skipped: dict[str, int] = {}
                 for r in split.skipped:
-                    skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
+                    if not r.get("kept"):  # instances left out, by reason
+                        skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
                 if rules[name].get("fully_occluded"):
                     skipped["fully occluded (no visible pixel)"] = rules[name]["fully_occluded"]
                 splits_info[name] = {
