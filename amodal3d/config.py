@@ -121,6 +121,16 @@ class RunConfig:
 
 
 @dataclass
+class BenchConfig:
+    """How `make bench` runs the trained methods (not how they train)."""
+
+    # renders no gradient flows through, in every 3D row: checkpoint (each checkpoint's
+    # model.silhouette_without_grad; hard for checkpoints older than the key) | hard | soft
+    # (the path before hard silhouettes existed)
+    silhouettes: str = "checkpoint"
+
+
+@dataclass
 class Config:
     stage: str = "recon"
     experiment: str = "default"
@@ -131,6 +141,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     model: Any = None
 
 

@@ -37,6 +37,7 @@ from pytorch3d.renderer import (
 from pytorch3d.structures import Meshes
 from torch import nn
 
+from amodal3d.models.hard_silhouette import HardSilhouette, check_without_grad, needs_gradient
 from amodal3d.models.precision import float32_geometry
 
 NMR_FOV = 30.0
@@ -303,34 +304,51 @@ class CropRenderer(nn.Module):
     """Soft silhouettes of (verts, faces) under (camera, placement), in an SxS frame."""
 
     def __init__(
-        self, sigma: float = 1e-4, faces_per_pixel: int = 10, backend: str = "sparse", fov: float = NMR_FOV
+        self, sigma: float = 1e-4, faces_per_pixel: int = 10, backend: str = "sparse", fov: float = NMR_FOV,
+        without_grad: str = "hard",
     ) -> None:
         super().__init__()
         self.sigma = sigma
         self.faces_per_pixel = faces_per_pixel
         self.backend = backend
         self.fov = fov
-        self._renderers: dict[int, nn.Module] = {}
+        self.without_grad = check_without_grad(without_grad)
+        self._renderers: dict[tuple[int, bool], nn.Module] = {}
         self.last_exact_rows = 0  # meshes of the latest call that took the slow exact path
         self.last_window_pixels = 0  # pixels the sparse renderer evaluated in the latest call
 
-    def _renderer(self, size: int) -> nn.Module:
-        if size not in self._renderers:
-            self._renderers[size] = make_silhouette_renderer(
-                size, sigma=self.sigma, faces_per_pixel=self.faces_per_pixel, backend=self.backend
-            )
-        return self._renderers[size]
+    def renderer_for(self, size: int, *tensors: torch.Tensor) -> nn.Module:
+        """The renderer of an SxS frame for a render of `tensors`: the hard one when no
+        gradient can flow to them and without_grad is "hard", else the soft one."""
+        hard = self.without_grad == "hard" and not needs_gradient(*tensors)
+        if (size, hard) not in self._renderers:
+            soft = make_silhouette_renderer(size, sigma=self.sigma, faces_per_pixel=self.faces_per_pixel,
+                                            backend=self.backend)
+            self._renderers[(size, False)] = soft
+            if hard:
+                self._renderers[(size, True)] = HardSilhouette(size, self.sigma, soft)
+        return self._renderers[(size, hard)]
 
     @float32_geometry
     def forward(
         self, verts: torch.Tensor, faces: torch.Tensor, camera: torch.Tensor, place: torch.Tensor, size: int
     ) -> torch.Tensor:
-        """(B,size,size) silhouettes in [0,1]; faces (F,3) shared or (B,F,3)."""
+        """(B,size,size) silhouettes in [0,1] (0/1 when hard); faces (F,3) shared or (B,F,3)."""
         if faces.ndim == 2:
             faces = faces[None].expand(verts.shape[0], -1, -1)
         meshes = Meshes(verts=verts, faces=faces)
-        renderer = self._renderer(int(size))
+        renderer = self.renderer_for(int(size), verts, camera, place)
         sil = renderer(meshes, make_cameras(camera, place, self.fov))
         self.last_exact_rows = int(getattr(renderer, "last_exact_rows", 0))
         self.last_window_pixels = int(getattr(renderer, "last_stats", {}).get("window_pixels", 0))
         return sil
+
+
+def set_silhouettes_without_grad(module: nn.Module, mode: str) -> int:
+    """Switch every CropRenderer inside `module` (a stage, a ShapePrior) to `mode` for
+    the renders no gradient flows through ("hard" | "soft"); the number switched."""
+    check_without_grad(mode)
+    found = [m for m in module.modules() if isinstance(m, CropRenderer)]
+    for m in found:
+        m.without_grad = mode
+    return len(found)

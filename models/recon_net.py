@@ -79,7 +79,8 @@ class ReconNet(nn.Module):
         # as the model that was validated (checkpoints from before: the finished schedule)
         self.register_load_state_dict_pre_hook(_finished_schedule_if_missing)
         self.renderer = CropRenderer(
-            sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend)
+            sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend),
+            without_grad=str(m.silhouette_without_grad),
         )
         # colour templates only when asked for: checkpoints trained without them keep loading
         self.appearance = (ColourTemplates(num_categories, self.decoder.src, init_noise=float(m.colour_init_noise))
@@ -213,6 +214,7 @@ class ReconModelConfig:
     sigma: float = 1e-4  # soft-rasteriser sharpness
     faces_per_pixel: int = 10
     renderer_backend: str = "sparse"  # sparse | pytorch3d | auto/fast (models.soft_silhouette)
+    silhouette_without_grad: str = "hard"  # renders no gradient flows through: hard (models.hard_silhouette) | soft
     template_lr_mult: float = 10.0  # the templates are few parameters with a long way to go
     w_hypothesis: float = 0.1  # multiplex: the score learns to rank the best-fitting hypothesis first
     rgb_dropout: float = 0.3  # P(crop RGB zeroed) in training: the cycle renders have no RGB

@@ -21,7 +21,7 @@ from torch import nn
 from amodal3d.categories import CATEGORIES
 from amodal3d.errors import ConfigError
 from amodal3d.protocols import LEGACY_PROTOCOL
-from amodal3d.models.mesh_renderer import make_silhouette_renderer, project
+from amodal3d.models.mesh_renderer import project
 from amodal3d.models.placement import FIT_MODES, PlacementHead, adjust_box, box_placement, placed_cameras
 from amodal3d.models.recon_net import ReconModelConfig, ReconNet
 from amodal3d.models.viewpoint_net import ViewpointNet, estimator_camera
@@ -77,7 +77,6 @@ class ShapePrior(nn.Module):
             max_log_scale=float(p["max_log_scale"]), max_shift=float(p["max_shift"]),
         )
         self.fit = spec["fit"]
-        self._renderers: dict[int, nn.Module] = {}
 
     @property
     def crop_size(self) -> int:
@@ -115,19 +114,14 @@ class ShapePrior(nn.Module):
         return {"verts": verts, "faces": self.faces, "camera": camera, "box": box, "target": target,
                 "residual": residual, "place": place, "feat": rec["feat"]}
 
-    def _renderer(self, size: int) -> nn.Module:
-        if size not in self._renderers:
-            r = self.recon.renderer
-            self._renderers[size] = make_silhouette_renderer(size, sigma=r.sigma, faces_per_pixel=r.faces_per_pixel,
-                                                             backend=r.backend)
-        return self._renderers[size]
-
     def render(self, out: dict, size: int | None = None) -> torch.Tensor:
-        """(B,1,S,S) soft silhouettes of forward()'s output (S = crop size by default)."""
+        """(B,1,S,S) silhouettes of forward()'s output (S = crop size by default): soft, or
+        hard where no gradient flows (recon's renderer decides: CropRenderer.renderer_for)."""
         verts = out["verts"]
         meshes = Meshes(verts=verts, faces=self.faces[None].expand(verts.shape[0], -1, -1))
         cams = placed_cameras(out["camera"], out["place"], self.recon.renderer.fov)
-        return self._renderer(int(size or self.crop_size))(meshes, cams)[:, None]
+        renderer = self.recon.renderer.renderer_for(int(size or self.crop_size), verts, out["camera"], out["place"])
+        return renderer(meshes, cams)[:, None]
 
     def coarse_mask(self, batch: dict, size: int | None = None) -> torch.Tensor:
         """(B,1,S,S) coarse amodal-mask probabilities in the crop frame of `batch`."""

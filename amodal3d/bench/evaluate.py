@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from amodal3d.bench.table import NEEDS_DETECT, NOT_TRAINED, MethodResult
 from amodal3d.categories import check_class_names, class_names, resolve_class_names
 from amodal3d.config import REPO_ROOT
+from amodal3d.errors import ConfigError
 from amodal3d.runs import best_checkpoint, find_stage_checkpoint
 from amodal3d.bench.reference import FLOOR, VisibleFloor, reference_modules
 from amodal3d.protocols import protocol_of
@@ -140,7 +141,8 @@ def check_module_classes(module, checkpoint, cfg: DictConfig) -> None:
 def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None = None) -> AmodalStage:
     """The stage module of `entry` restored from its checkpoint (or built by its own
     `load`), in eval mode on `device`. With the bench config `cfg`: refused (ConfigError) when
-    trained on another category table than cfg's dataset, or under another protocol."""
+    trained on another category table than cfg's dataset, or under another protocol; its
+    renders without gradient switched to cfg.bench.silhouettes unless that is "checkpoint"."""
     from amodal3d.lightning_modules.registry import get_stage
 
     if entry.load is not None:
@@ -157,6 +159,13 @@ def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None
     if cfg is not None and protocol_of(module.cfg) != protocol_of(cfg):
         raise ValueError(f"{entry.name}: trained under protocol {protocol_of(module.cfg)}, benchmarked under "
                          f"{protocol_of(cfg)}; benchmark it with --protocol {protocol_of(module.cfg)}")
+    mode = str(cfg.bench.silhouettes) if cfg is not None and "bench" in cfg else "checkpoint"
+    if mode not in ("checkpoint", "hard", "soft"):
+        raise ConfigError(f"bench.silhouettes={mode!r}: expected checkpoint, hard or soft")
+    if mode != "checkpoint":
+        from amodal3d.models.mesh_renderer import set_silhouettes_without_grad
+
+        set_silhouettes_without_grad(module, mode)
     return module.to(device).eval()
 
 

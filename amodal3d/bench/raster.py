@@ -138,7 +138,48 @@ def bench_raster(
     (a_ref, g_ref), (a_fast, g_fast) = outputs["pytorch3d"], outputs["fast"]
     result["max_abs_alpha_diff"] = float((a_fast - a_ref).abs().max())
     result["grad_rel_diff"] = float((g_fast - g_ref).norm() / g_ref.norm().clamp_min(1e-30))
+    result["no_grad"] = bench_no_grad(verts.detach(), faces_t, cameras, image_size, faces_per_pixel, repeats, dev)
     return result
+
+
+def bench_no_grad(verts, faces, cameras, image_size: int, faces_per_pixel: int, repeats: int, dev) -> dict:
+    """Renders no gradient flows through: recon's soft renderer (sparse), pytorch3d's
+    rasteriser with one face per pixel and no blur (hard coverage), and
+    models.hard_silhouette; median seconds and, per hard path, the mean IoU of its mask
+    against the soft one thresholded at 0.5."""
+    from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
+
+    from amodal3d.models.hard_silhouette import HardSilhouette
+    from amodal3d.models.mesh_renderer import SparseSoftSilhouette
+
+    soft = SparseSoftSilhouette(image_size, faces_per_pixel=faces_per_pixel)
+    hard = HardSilhouette(image_size, soft.sigma, soft)
+    coverage = MeshRasterizer(raster_settings=RasterizationSettings(
+        image_size=image_size, blur_radius=0.0, faces_per_pixel=1, bin_size=0))
+    paths = {
+        "sparse soft": lambda m: soft(m, cameras),
+        "pytorch3d hard (1 face/pixel)": lambda m: (coverage(m, cameras=cameras).pix_to_face[..., 0] >= 0).float(),
+        "hard (ours)": lambda m: hard(m, cameras),
+    }
+    meshes = Meshes(verts=verts, faces=faces[None].expand(len(verts), -1, -1))
+    out: dict = {}
+    masks = {}
+    with torch.no_grad():
+        for name, render in paths.items():
+            times = []
+            for i in range(repeats + 1):
+                _sync(dev)
+                t0 = time.perf_counter()
+                masks[name] = render(meshes) > 0.5
+                _sync(dev)
+                if i:
+                    times.append(time.perf_counter() - t0)
+            out[name] = {"forward_s": statistics.median(times)}
+    ref = masks["sparse soft"].flatten(1)
+    for name in list(paths)[1:]:
+        m = masks[name].flatten(1)
+        out[name]["iou_vs_soft"] = float(((m & ref).sum(1) / (m | ref).sum(1).clamp_min(1)).mean())
+    return out
 
 
 def _device_name(dev: torch.device) -> str:
@@ -167,6 +208,12 @@ def format_table(r: dict) -> str:
         f"agreement: max |alpha diff| {r['max_abs_alpha_diff']:.2e}, vertex-gradient relative L2 diff "
         f"{r['grad_rel_diff']:.2e}",
     ]
+    if "no_grad" in r:
+        lines += ["", "without gradient (forward only; masks > 0.5 against the sparse soft path's):", "",
+                  "| path | forward (s) | mean IoU vs soft |", "|---|---|---|"]
+        for name, p in r["no_grad"].items():
+            iou = f"{p['iou_vs_soft']:.4f}" if "iou_vs_soft" in p else "(reference)"
+            lines.append(f"| {name} | {p['forward_s']:.4f} | {iou} |")
     return "\n".join(lines)
 
 

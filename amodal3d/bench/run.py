@@ -187,7 +187,8 @@ def part_seeds(args, cfg, device, meta: dict, out: Path) -> str:
 def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
     from amodal3d.bench.speed import (
-        collect_batches, measure_inference, methods_markdown, predict_markdown, section_markdown,
+        collect_batches, measure_inference, methods_markdown, predict_markdown, section_markdown, silhouette_markdown,
+        silhouette_paths,
     )
     from amodal3d.atomic import write_text_atomic
     from amodal3d.bench.table import write_tensorboard_text
@@ -199,15 +200,20 @@ def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
             rows.append({"method": e.name, "stage": e.stage, "status": e.status})
             continue
         try:
-            res = measure_inference(load_method(e, device, cfg), batches, device)
+            module = load_method(e, device, cfg)
+            res = measure_inference(module, batches, device)
+            paths = silhouette_paths(module, batches, device)
         except Exception as err:
             print(f"[bench] {e.name}: speed measurement failed: {err!r}", file=sys.stderr)
             rows.append({"method": e.name, "stage": e.stage, "status": f"error: {err!r}"})
             continue
-        rows.append({"method": e.name, "stage": e.stage, "status": "ok", **res})
+        rows.append({"method": e.name, "stage": e.stage, "status": "ok", **res,
+                     **({"silhouettes": paths} if paths else {})})
         print(f"[bench] {e.name}: {res['instances_per_s']:.1f} instances/s", flush=True)
     predict = _predict_throughput(args, cfg, device)
     body = methods_markdown(rows) + "\n\n" + predict_markdown(predict)
+    if paths_md := silhouette_markdown(rows):
+        body += "\n\n" + paths_md
     md = section_markdown("Inference speed (predict_amodal on test batches already on the device)", body, meta)
     write_text_atomic(out / "speed.md", md)
     write_json_atomic(out / "speed.json", {"meta": meta, "methods": rows, "predict": predict})

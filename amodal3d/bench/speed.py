@@ -129,6 +129,50 @@ def measure_inference(module, batches: list[dict], device: torch.device, warmup:
     }
 
 
+@torch.no_grad()
+def silhouette_paths(module, batches: list[dict], device: torch.device) -> dict | None:
+    """For a method whose 3D renders without gradient are hard (models.hard_silhouette):
+    its throughput with the soft renders instead (the path before), and how far its masks
+    (> 0.5, crop frame) under the two paths agree: per-instance IoU (two empty masks: 1).
+    None for a method without such renders."""
+    from amodal3d.models.mesh_renderer import CropRenderer, set_silhouettes_without_grad
+
+    renderers = [m for m in module.modules() if isinstance(m, CropRenderer)]
+    if not renderers or any(r.without_grad != "hard" for r in renderers):
+        return None
+    module.eval()
+    hard = [module.predict_amodal(b) > 0.5 for b in batches]
+    set_silhouettes_without_grad(module, "soft")
+    try:
+        soft_speed = measure_inference(module, batches, device)
+        soft = [module.predict_amodal(b) > 0.5 for b in batches]
+    finally:
+        set_silhouettes_without_grad(module, "hard")
+    h, s = torch.cat(hard).flatten(1), torch.cat(soft).flatten(1)
+    union = (h | s).sum(1)
+    iou = torch.where(union > 0, (h & s).sum(1) / union.clamp_min(1), torch.ones_like(union, dtype=torch.float))
+    return {"soft": soft_speed, "mask_iou_mean": float(iou.float().mean()), "mask_iou_min": float(iou.min()),
+            "instances_differing": int((h != s).any(1).sum()), "instances": int(len(iou))}
+
+
+def silhouette_markdown(rows: list[dict]) -> str:
+    """The lines comparing each 3D row's hard and soft renders (silhouette_paths)."""
+    lines = []
+    for r in rows:
+        p = r.get("silhouettes")
+        if not p:
+            continue
+        lines.append(
+            f"- {r['method']}: hard silhouettes {r['instances_per_s']:.1f} instances/s, soft "
+            f"{p['soft']['instances_per_s']:.1f} ({r['instances_per_s'] / p['soft']['instances_per_s']:.2f}x); "
+            f"masks (> 0.5) hard vs soft: mean IoU {p['mask_iou_mean']:.4f}, min {p['mask_iou_min']:.3f}, "
+            f"{p['instances_differing']} of {p['instances']} instances differ in a pixel")
+    if not lines:
+        return ""
+    return ("Renders no gradient flows through (3D rows; `bench.silhouettes`, models/hard_silhouette.py):\n\n"
+            + "\n".join(lines))
+
+
 def collect_batches(loader, device: torch.device, n: int) -> list[dict]:
     out = []
     for i, batch in enumerate(loader):
