@@ -501,3 +501,21 @@ def test_camera_errors_apply_offsets_fitted_on_another_split():
     assert float(camera_errors(rows, 2)["az_err_aligned"]) == pytest.approx(0.0, abs=1e-4)
     other = {"aligned": [0, 0], "symaware": [0, 0]}  # offsets from a split where the frames agreed
     assert float(camera_errors(rows, 2, other)["az_err_aligned"]) == pytest.approx(40.0, abs=1e-4)
+
+
+def test_recon_step_bench_times_both_camera_choice_paths(tiny_root, tmp_path):
+    """`python -m amodal3d.bench.recon_step`: the same batches and weights stepped with soft
+    and with hard camera-choice renders; both timed, the choices and gradients compared."""
+    from amodal3d.bench.recon_step import bench_recon_step, markdown
+    from amodal3d.bench.evaluate import dataset_class_names
+
+    cfg = load_config("recon", debug="tiny", overrides=_tiny_overrides(tmp_path, tiny_root) + [
+        "model.camera_hypotheses=4", "model.select_size=16", "model.offset_warmup_steps=0",
+        "model.cycle_start_step=0", "loader.num_workers=0", "loader.batch_size=4"])
+    dataset_class_names(cfg)
+    r = bench_recon_step(cfg, batches=2, repeats=1)
+    assert r["batches"] == 2 and all(r[m]["seconds_per_step"] > 0 for m in ("soft", "hard"))
+    assert 0.0 <= r["same_choice"] <= 1.0 and r["grad_rel_diff_max"] >= 0.0
+    if r["same_choice"] == 1.0:  # the same cameras: the same step, bar float noise
+        assert r["loss_rel_diff_max"] < 1e-4
+    assert "| hard |" in markdown(r)
