@@ -179,6 +179,32 @@ def test_throughput_helper_on_a_built_dataset(setup):
     module = Refine2DStage.load_from_checkpoint(str(setup["ckpt_2d"]))
     res = predict_throughput(module, setup["tmp"] / "data", "test", max_images=3, batch_size=4)
     assert res["instances"] == res["exported_instances"] == 3 and res["instances_per_s"] > 0 and res["errors"] == 0
+    assert res["images"] == 3 and res["images_per_s"] > 0 and res["inputs"] == "visible-mask files"
+
+
+def test_throughput_from_the_images_alone_goes_through_step_1(setup, tmp_path, monkeypatch):
+    """The bench's second predict figure: the test images without mask files, step 1 (a
+    stand-in finding one object per image) detecting, in images/s and instances/s."""
+    from amodal3d.lightning_modules.visible import VisibleStage
+
+    step1 = write_run(VisibleStage(load_config("visible", overrides=data_ov(setup["tmp"]) + [
+        "model.fpn_channels=16", "model.mask_channels=16"])), tmp_path / "runs", "visible")
+
+    def one_each(self, images):
+        out = []
+        for im in images:
+            mask = torch.zeros(1, 1, *im.shape[-2:])
+            mask[..., 10:38, 8:36] = 1
+            out.append({"boxes": torch.tensor([[8.0, 10, 36, 38]]), "labels": torch.tensor([5]),
+                        "scores": torch.tensor([0.9]), "masks": mask})
+        return out
+
+    monkeypatch.setattr(VisibleStage, "detect", one_each)
+    module = Refine2DStage.load_from_checkpoint(str(setup["ckpt_2d"]))
+    res = predict_throughput(module, setup["tmp"] / "data", "test", max_images=3, batch_size=4, step1_checkpoint=step1)
+    assert res["inputs"] == "images (step 1)" and res["errors"] == 0
+    assert res["images"] == 3 and res["instances"] == 3 and res["exported_instances"] == 3
+    assert res["images_per_s"] > 0 and res["instances_per_s"] > 0
 
 
 @pytest.mark.parametrize("kind", ["0/1", "0/255", "palette", "16-bit", "rgb", "grey levels"])

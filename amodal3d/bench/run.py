@@ -223,8 +223,11 @@ def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
 
 
 def _predict_throughput(args, cfg, device) -> dict:
-    """`predict` end to end (image and mask files in, masks, overlays and JSON out) with
-    the Ours model on test images; {"status": why} when there is no Ours model."""
+    """`predict` end to end (files in, masks, overlays and JSON out) with the Ours model
+    on test images: with their visible-mask files, and from the images alone through step 1
+    ("from_images"; {"status": why} without a finished `visible` run); {"status": why}
+    when there is no Ours model."""
+    from amodal3d.predict.detect import load_step1
     from amodal3d.predict.run import load_predictor
     from amodal3d.predict.throughput import predict_throughput
 
@@ -239,6 +242,15 @@ def _predict_throughput(args, cfg, device) -> dict:
     res = predict_throughput(module, cfg.data.root, "test", max_images=args.predict_images, device=device)
     res.update(status="ok", checkpoint=str(ckpt))
     print(f"[bench] predict: {res['instances_per_s']:.1f} instances/s", flush=True)
+    try:
+        _, step1 = load_step1(None, cfg.experiment, cfg.run.root, device)
+    except FileNotFoundError as err:
+        res["from_images"] = {"status": f"no step 1 ({err})"}
+        return res
+    raw = predict_throughput(module, cfg.data.root, "test", max_images=args.predict_images, device=device,
+                             step1_checkpoint=step1)
+    res["from_images"] = dict(raw, status="ok", checkpoint=str(step1))
+    print(f"[bench] predict from images (step 1): {raw['images_per_s']:.1f} images/s", flush=True)
     return res
 
 

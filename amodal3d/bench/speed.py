@@ -207,12 +207,22 @@ def methods_markdown(rows: list[dict]) -> str:
 
 
 def predict_markdown(res: dict) -> str:
-    """The `predict` throughput line of the speed section."""
+    """The `predict` throughput lines of the speed section: with mask files, and from the
+    images alone through step 1."""
     if res.get("status") != "ok":
         return f"`predict` with the Ours model: {res.get('status')}."
-    return (f"`predict` with the Ours model, files in and out ({res['images']} test images, {res['instances']} "
-            f"instances, batch {res['batch_size']}, {res['device']}, {res['torch_threads']} threads): "
-            f"**{res['instances_per_s']:.1f} instances/s** ({res['seconds']:.1f} s).")
+    lines = [(f"`predict` with the Ours model, files in and out ({res['images']} test images and their visible-mask "
+              f"files, {res['instances']} instances, batch {res['batch_size']}, {res['device']}, "
+              f"{res['torch_threads']} threads): **{res['images_per_s']:.1f} images/s, "
+              f"{res['instances_per_s']:.1f} instances/s** ({res['seconds']:.1f} s).")]
+    raw = res.get("from_images")
+    if raw is not None and raw.get("status") != "ok":
+        lines.append(f"`predict` from the images alone: {raw['status']}.")
+    elif raw is not None:
+        lines.append(f"`predict` from the same images alone (step 1 detects, {raw['instances']} instances found of "
+                     f"{raw['exported_instances']}): **{raw['images_per_s']:.1f} images/s, "
+                     f"{raw['instances_per_s']:.1f} instances/s** ({raw['seconds']:.1f} s).")
+    return "\n\n".join(lines)
 
 
 def section_markdown(title: str, body: str, meta: dict) -> str:
