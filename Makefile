@@ -21,10 +21,10 @@ BENCH_ARGS = $(if $(PROTOCOL),--protocol $(PROTOCOL)) $(if $(EXP),--exp $(EXP))
 
 CFG_ARGS = $(if $(EXP),--exp $(EXP)) $(if $(DEBUG),--debug $(DEBUG))
 
-.PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-loader bench-raster bench-crops bench-hardest bench-recon bench-detections predict sheets tensorboard stages clean help
+.PHONY: slurm setup test test-all train data validate bench bench-table bench-seeds bench-speed bench-recon-step bench-loader bench-raster bench-crops bench-hardest bench-recon bench-detections predict sheets tensorboard stages clean help
 
 help:
-	@echo "make setup | test | test-all | train STAGE=.. | data | validate | export OUT=.. | bench [PROTOCOL=gt-visible|gt-box|detect] | bench-table | bench-seeds | bench-speed | bench-loader | bench-raster | bench-crops | bench-hardest | bench-recon | bench-detections | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
+	@echo "make setup | test | test-all | train STAGE=.. | data | validate | export OUT=.. | bench [PROTOCOL=gt-visible|gt-box|detect] | bench-table | bench-seeds | bench-speed | bench-recon-step | bench-loader | bench-raster | bench-crops | bench-hardest | bench-recon | bench-detections | predict INPUT=.. OUT=.. | sheets | tensorboard | stages | clean"
 
 setup: $(STAMP)
 
@@ -60,7 +60,10 @@ bench-seeds: setup
 	$(PY) -m amodal3d bench seeds $(BENCH_ARGS) $(OVERRIDES)
 
 bench-speed: setup
-	$(PY) -m amodal3d bench speed $(OVERRIDES)
+	$(PY) -m amodal3d bench speed $(if $(EXP),--exp $(EXP)) $(OVERRIDES)
+
+bench-recon-step: setup
+	$(PY) -m amodal3d.bench.recon_step $(if $(EXP),--exp $(EXP)) $(OVERRIDES)
 
 bench-loader: setup
 	$(PY) -m amodal3d bench loader $(OVERRIDES)
