@@ -125,7 +125,7 @@ class BenchConfig:
     """How `make bench` runs the trained methods (not how they train)."""
 
     # renders no gradient flows through, in every 3D row: checkpoint (each checkpoint's
-    # model.silhouette_without_grad; hard for checkpoints older than the key) | hard | soft
+    # model.silhouette_without_grad; soft for checkpoints older than the key) | hard | soft
     # (the path before hard silhouettes existed)
     silhouettes: str = "checkpoint"
 

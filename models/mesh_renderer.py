@@ -305,7 +305,7 @@ class CropRenderer(nn.Module):
 
     def __init__(
         self, sigma: float = 1e-4, faces_per_pixel: int = 10, backend: str = "sparse", fov: float = NMR_FOV,
-        without_grad: str = "hard",
+        without_grad: str = "soft",
     ) -> None:
         super().__init__()
         self.sigma = sigma

@@ -214,7 +214,7 @@ class ReconModelConfig:
     sigma: float = 1e-4  # soft-rasteriser sharpness
     faces_per_pixel: int = 10
     renderer_backend: str = "sparse"  # sparse | pytorch3d | auto/fast (models.soft_silhouette)
-    silhouette_without_grad: str = "hard"  # renders no gradient flows through: hard (models.hard_silhouette) | soft
+    silhouette_without_grad: str = "soft"  # renders no gradient flows through: soft | hard (models.hard_silhouette; faster, masks differ: docs/results.md)
     template_lr_mult: float = 10.0  # the templates are few parameters with a long way to go
     w_hypothesis: float = 0.1  # multiplex: the score learns to rank the best-fitting hypothesis first
     rgb_dropout: float = 0.3  # P(crop RGB zeroed) in training: the cycle renders have no RGB

@@ -68,9 +68,9 @@ def test_it_matches_the_soft_path_thresholded_at_half():
 
 def test_crop_renderer_is_hard_only_where_no_gradient_flows():
     """Soft while a render's inputs take a gradient (and the gradient arrives); hard under
-    no_grad or for inputs that need none (a frozen prior); always soft with "soft"."""
+    no_grad or for inputs that need none (a frozen prior); always soft with "soft" (the default)."""
     verts, faces, camera, place = scene(b=3)
-    r = CropRenderer()
+    r = CropRenderer(without_grad="hard")
     v = verts.clone().requires_grad_(True)
     soft = r(v, faces, camera, place, 24)
     assert ((soft > 0.01) & (soft < 0.99)).any()
@@ -82,7 +82,7 @@ def test_crop_renderer_is_hard_only_where_no_gradient_flows():
     for hard in (under_no_grad, frozen):
         assert set(hard.unique().tolist()) == {0.0, 1.0}
         assert iou(hard > 0.5, soft.detach() > 0.5).min() > 0.97
-    kept_soft = CropRenderer(without_grad="soft")(verts, faces, camera, place, 24)
+    kept_soft = CropRenderer()(verts, faces, camera, place, 24)  # the default
     assert torch.allclose(kept_soft, soft.detach())
 
 
@@ -114,7 +114,7 @@ class _MeshRow(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.renderer = CropRenderer()
+        self.renderer = CropRenderer(without_grad="hard")
         self.scene = scene(b=4)
 
     def predict_amodal(self, batch: dict) -> torch.Tensor:
