@@ -7,9 +7,10 @@ pixels of its own projected box, faces bucketed by box size (powers of two) as i
 models.mesh_renderer.sparse_soft_silhouette, with that function's pixel grid and
 inside test (both windings count, no culling). Each face is grown across its edges by
 the distance at which the soft silhouette thresholded at 0.5 still covers a pixel
-next to a closed mesh's outline (soft_threshold_margin), so the two agree except on a
-few outline pixels (docs/results.md, "Speed"). A mesh reaching the camera's near plane goes to the exact soft path,
-thresholded at 0.5 (its projection is not a plain perspective divide there).
+next to a closed mesh's outline (soft_threshold_margin): on smooth meshes the two agree
+but for a few outline pixels; on trained recon meshes thin parts make them differ
+(docs/results.md, "Hard silhouettes"), hence opt-in. A mesh reaching the camera's near
+plane goes to the exact soft path, thresholded at 0.5.
 """
 
 from __future__ import annotations
