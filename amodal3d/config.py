@@ -128,6 +128,10 @@ class BenchConfig:
     # model.silhouette_without_grad; soft for checkpoints older than the key) | hard | soft
     # (the path before hard silhouettes existed)
     silhouettes: str = "checkpoint"
+    # the renderers' per-face window maths through torch.compile in every 3D row (same
+    # values, faster; the first call of each process compiles): checkpoint (each
+    # checkpoint's model.renderer_compiled) | true | false
+    renderer_compiled: str = "checkpoint"
 
 
 @dataclass

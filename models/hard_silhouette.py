@@ -3,7 +3,7 @@
 A soft (SoftRas) silhouette exists for its gradient; where none is needed (the
 camera-hypothesis choice, a frozen 3D prior, inference) a pixel is simply in or out:
 its centre lies inside a projected triangle or not. Each face is tested only on the
-pixels of its own projected box, faces bucketed by box size (powers of two) as in
+pixels of its own projected box, faces bucketed by box size (window_sides) as in
 models.mesh_renderer.sparse_soft_silhouette, with that function's pixel grid and
 inside test (both windings count, no culling). Each face is grown across its edges by
 the distance at which the soft silhouette thresholded at 0.5 still covers a pixel
@@ -22,6 +22,7 @@ from pytorch3d.structures import Meshes
 from torch import nn
 
 from amodal3d.errors import ConfigError
+from amodal3d.models.face_windows import compiled_window, window_sides
 
 
 def _window_inside(tri: torch.Tensor, origin: torch.Tensor, w: int, size: int,
@@ -49,10 +50,12 @@ def _window_inside(tri: torch.Tensor, origin: torch.Tensor, w: int, size: int,
 
 
 @torch.no_grad()
-def hard_silhouette(xy: torch.Tensor, faces: torch.Tensor, size: int, margin: float = 0.0) -> torch.Tensor:
+def hard_silhouette(xy: torch.Tensor, faces: torch.Tensor, size: int, margin: float = 0.0,
+                    compiled: bool = False) -> torch.Tensor:
     """(B,S,S) 0/1 silhouettes from NDC vertices xy (B,V,2) (pytorch3d: +x left, +y up)
     and faces (F,3) or padded (B,F,3) (-1 rows ignored): 1 where a pixel centre lies
-    inside a projected face grown by `margin` (NDC units) across each edge."""
+    inside a projected face grown by `margin` (NDC units) across each edge; `compiled`:
+    the window test through torch.compile (face_windows.compiled_window)."""
     b = xy.shape[0]
     if faces.ndim == 2:
         faces = faces[None].expand(b, -1, -1)
@@ -66,11 +69,12 @@ def hard_silhouette(xy: torch.Tensor, faces: torch.Tensor, size: int, margin: fl
     extent = (hi - lo).max(dim=1).values + 1
     keep = ((hi - lo) >= 0).all(dim=1)
     bi, tri, lo, extent = bi[keep], tri[keep], lo[keep], extent[keep]
-    bucket = torch.exp2(torch.ceil(torch.log2(extent.clamp_min(1)))).long()
+    bucket, sides = window_sides(extent)
+    window = compiled_window(_window_inside) if compiled else _window_inside
     out = torch.zeros(b * size * size, dtype=torch.bool, device=xy.device)
-    for w in bucket.unique().tolist():
+    for w in sides:
         sel = (bucket == w).nonzero(as_tuple=True)[0]
-        inside, pix = _window_inside(tri[sel], lo[sel], int(w), size, m)
+        inside, pix = window(tri[sel], lo[sel], int(w), size, m)
         flat = bi[sel, None, None] * (size * size) + pix
         out[flat[inside]] = True
     return out.view(b, size, size).to(xy.dtype)
@@ -107,6 +111,7 @@ class HardSilhouette(nn.Module):
     def __init__(self, image_size: int, sigma: float, exact: nn.Module) -> None:
         super().__init__()
         self.image_size = int(image_size)
+        self.compiled = False  # the window test through torch.compile (CropRenderer sets it)
         self.margin = soft_threshold_margin(float(sigma))
         self.exact = exact
 
@@ -117,7 +122,7 @@ class HardSilhouette(nn.Module):
         depth = cameras.get_world_to_view_transform().transform_points(verts)[..., 2]
         znear = torch.as_tensor(cameras.get_znear(), device=depth.device, dtype=depth.dtype).reshape(-1, 1)
         near = (depth <= znear).any(dim=1)
-        sil = hard_silhouette(ndc[..., :2], meshes.faces_padded(), self.image_size, self.margin)
+        sil = hard_silhouette(ndc[..., :2], meshes.faces_padded(), self.image_size, self.margin, self.compiled)
         if near.any():
             rows = near.nonzero(as_tuple=True)[0]
             sil[rows] = (self.exact(meshes[rows.tolist()], cameras[rows]) > 0.5).to(sil.dtype)

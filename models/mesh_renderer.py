@@ -37,6 +37,7 @@ from pytorch3d.renderer import (
 from pytorch3d.structures import Meshes
 from torch import nn
 
+from amodal3d.models.face_windows import compiled_window, window_sides
 from amodal3d.models.hard_silhouette import HardSilhouette, check_without_grad, needs_gradient
 from amodal3d.models.precision import float32_geometry
 
@@ -106,19 +107,20 @@ def _window_log_keep(tri: torch.Tensor, origin: torch.Tensor, w: int, size: int,
 
 def sparse_soft_silhouette(
     xy: torch.Tensor, faces: torch.Tensor, size: int, sigma: float, blur_radius: float,
-    stats: dict | None = None,
+    stats: dict | None = None, compiled: bool = False,
 ) -> torch.Tensor:
     """(B,S,S) SoftRas silhouettes 1 - prod_f (1 - sigmoid(-d_f/sigma)) over every face
     within blur_radius of a pixel, from NDC vertices xy (B,V,2) and faces (F,3) or
     padded (B,F,3) (-1 rows ignored).
 
     Each face is evaluated only on a small window around its projected box: faces
-    are bucketed by window size (powers of two), so the work is about the pixels the
+    are bucketed by window size (window_sides), so the work is about the pixels the
     faces cover, not pixels x faces as in pytorch3d's CPU rasteriser. It equals
     pytorch3d's MeshRasterizer + SoftSilhouetteShader whenever no pixel has more
     than faces_per_pixel faces within the blur radius (elsewhere it counts them
     all, as SoftRas does). `stats`, if given, gets "window_pixels": the pixels
-    evaluated (the work, forward and backward, grows with it)."""
+    evaluated (the work, forward and backward, grows with it). `compiled`: the
+    window maths through torch.compile (face_windows.compiled_window; same values)."""
     b = xy.shape[0]
     if faces.ndim == 2:
         faces = faces[None].expand(b, -1, -1)
@@ -131,14 +133,14 @@ def sparse_soft_silhouette(
         hi = torch.floor(tri.max(dim=1).values + r - 0.5)
         lo = torch.maximum(lo, torch.full_like(lo, -1.0))  # windows start at most one pixel off-image
         extent = (torch.minimum(hi, torch.full_like(hi, float(size))) - lo).max(dim=1).values + 1
-        extent = extent.clamp(1, size + 1)
-        bucket = torch.exp2(torch.ceil(torch.log2(extent))).long()
+        bucket, sides = window_sides(extent.clamp(1, size + 1))
     if stats is not None:
         stats["window_pixels"] = int((bucket * bucket).sum())
+    window = compiled_window(_window_log_keep) if compiled else _window_log_keep
     values, index = [], []
-    for w in bucket.unique().tolist():
+    for w in sides:
         sel = (bucket == w).nonzero(as_tuple=True)[0]
-        lk, pix = _window_log_keep(tri[sel], lo[sel], int(w), size, sigma, blur_radius)
+        lk, pix = window(tri[sel], lo[sel], int(w), size, sigma, blur_radius)
         values.append(lk.reshape(-1))
         index.append((bi[sel, None, None] * (size * size) + pix).reshape(-1))
     acc = torch.zeros(b * size * size, device=xy.device, dtype=xy.dtype)
@@ -153,11 +155,13 @@ class SparseSoftSilhouette(nn.Module):
     pixels x faces rasteriser at the crop sizes used here. A mesh reaching the
     camera's near plane goes to the exact pytorch3d path (that mesh only: its
     backward is some 100x slower; `last_exact_rows` counts them). `last_stats`
-    holds the latest call's window work (sparse_soft_silhouette's stats)."""
+    holds the latest call's window work (sparse_soft_silhouette's stats); `compiled`
+    runs the window maths through torch.compile."""
 
     def __init__(self, image_size: int, sigma: float = 1e-4, faces_per_pixel: int = 10,
-                 blur_radius: float | None = None) -> None:
+                 blur_radius: float | None = None, compiled: bool = False) -> None:
         super().__init__()
+        self.compiled = bool(compiled)
         self.image_size = int(image_size)
         self.sigma = float(sigma)
         self.blur_radius = math.log(1.0 / 1e-4 - 1.0) * sigma if blur_radius is None else float(blur_radius)
@@ -173,14 +177,14 @@ class SparseSoftSilhouette(nn.Module):
         self.last_stats = {"window_pixels": 0}
         if not near.any():
             return sparse_soft_silhouette(ndc[..., :2], meshes.faces_padded(), self.image_size, self.sigma,
-                                          self.blur_radius, self.last_stats)
+                                          self.blur_radius, self.last_stats, self.compiled)
         # only the meshes reaching the plane take the exact (slow) path
         sil = verts.new_zeros(verts.shape[0], self.image_size, self.image_size)
         far, rows = (~near).nonzero(as_tuple=True)[0], near.nonzero(as_tuple=True)[0]
         if len(far):
             sil = sil.index_put((far,), sparse_soft_silhouette(
                 ndc[far][..., :2], meshes.faces_padded()[far], self.image_size, self.sigma, self.blur_radius,
-                self.last_stats))
+                self.last_stats, self.compiled))
         return sil.index_put((rows,), self.exact(meshes[rows.tolist()], cameras[rows]))
 
 
@@ -305,9 +309,10 @@ class CropRenderer(nn.Module):
 
     def __init__(
         self, sigma: float = 1e-4, faces_per_pixel: int = 10, backend: str = "sparse", fov: float = NMR_FOV,
-        without_grad: str = "soft",
+        without_grad: str = "soft", compiled: bool = False,
     ) -> None:
         super().__init__()
+        self.compiled = bool(compiled)  # the per-face window maths through torch.compile (same values)
         self.sigma = sigma
         self.faces_per_pixel = faces_per_pixel
         self.backend = backend
@@ -327,7 +332,11 @@ class CropRenderer(nn.Module):
             self._renderers[(size, False)] = soft
             if hard:
                 self._renderers[(size, True)] = HardSilhouette(size, self.sigma, soft)
-        return self._renderers[(size, hard)]
+        renderer = self._renderers[(size, hard)]
+        for r in (renderer, getattr(renderer, "exact", None)):
+            if hasattr(r, "compiled"):
+                r.compiled = self.compiled
+        return renderer
 
     @float32_geometry
     def forward(
@@ -342,6 +351,15 @@ class CropRenderer(nn.Module):
         self.last_exact_rows = int(getattr(renderer, "last_exact_rows", 0))
         self.last_window_pixels = int(getattr(renderer, "last_stats", {}).get("window_pixels", 0))
         return sil
+
+
+def set_renderer_compiled(module: nn.Module, on: bool) -> int:
+    """Switch the torch.compile'd window maths on or off in every CropRenderer inside
+    `module`; the number switched."""
+    found = [m for m in module.modules() if isinstance(m, CropRenderer)]
+    for m in found:
+        m.compiled = bool(on)
+    return len(found)
 
 
 def set_silhouettes_without_grad(module: nn.Module, mode: str) -> int:

@@ -80,7 +80,7 @@ class ReconNet(nn.Module):
         self.register_load_state_dict_pre_hook(_finished_schedule_if_missing)
         self.renderer = CropRenderer(
             sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend),
-            without_grad=str(m.silhouette_without_grad),
+            without_grad=str(m.silhouette_without_grad), compiled=bool(m.renderer_compiled),
         )
         # colour templates only when asked for: checkpoints trained without them keep loading
         self.appearance = (ColourTemplates(num_categories, self.decoder.src, init_noise=float(m.colour_init_noise))
@@ -214,6 +214,7 @@ class ReconModelConfig:
     sigma: float = 1e-4  # soft-rasteriser sharpness
     faces_per_pixel: int = 10
     renderer_backend: str = "sparse"  # sparse | pytorch3d | auto/fast (models.soft_silhouette)
+    renderer_compiled: bool = False  # the renderers' per-face window maths through torch.compile: same values, faster (docs/results.md)
     silhouette_without_grad: str = "soft"  # renders no gradient flows through: soft | hard (models.hard_silhouette; faster, masks differ: docs/results.md)
     template_lr_mult: float = 10.0  # the templates are few parameters with a long way to go
     w_hypothesis: float = 0.1  # multiplex: the score learns to rank the best-fitting hypothesis first

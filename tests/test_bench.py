@@ -180,6 +180,25 @@ def test_convex_hull_rule_contains_the_mask_and_fills_its_concavities():
     assert not convex_hull_mask(np.zeros((4, 4), bool)).any()
 
 
+def test_convex_hull_from_row_ends_is_the_hull_of_every_pixel_square():
+    """The hull is built from each row's first and last pixel only: the same mask as the
+    hull of all pixel corners, on random blobs."""
+    from amodal3d.bench.reference import _hull, convex_hull_mask
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = rng.random((20, 24)) < rng.uniform(0.02, 0.3)
+        ys, xs = np.nonzero(m)
+        corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(float)
+        hull = _hull(corners)
+        gy, gx = np.mgrid[0:20, 0:24]
+        c = np.stack([gx.ravel() + 0.5, gy.ravel() + 0.5], 1)
+        inside = np.ones(len(c), bool)
+        for a, b in zip(hull, np.roll(hull, -1, axis=0)):
+            inside &= (b[0] - a[0]) * (c[:, 1] - a[1]) - (b[1] - a[1]) * (c[:, 0] - a[0]) >= -1e-9
+        assert np.array_equal(convex_hull_mask(m), inside.reshape(20, 24) | m)
+
+
 def test_bench_table_end_to_end(trained, capsys):
     tmp, cfg, summary, args = trained
     out = tmp / "bench_out"

@@ -96,6 +96,29 @@ def test_a_perfect_step_1_gives_the_gt_visible_figures(tiny, tmp_path, monkeypat
     assert report.images == len(ImageDataset(tiny / "data", "test")) and "images/s" in md
 
 
+def test_rows_sharing_a_checkpoint_are_inferred_once(tiny, tmp_path, monkeypatch):
+    """Ours is the row of another run (joint or refine): one inference per batch feeds both rows."""
+    import dataclasses
+    import shutil
+
+    from amodal3d.lightning_modules.baselines.pcnet_m import PCNetMModule
+
+    write_run(VisibleStage(load_config("visible", overrides=_ov(tiny) + DET)), tmp_path / "runs", "visible")
+    shutil.copytree(tiny / "runs" / "default" / "pcnet_m", tmp_path / "runs" / "default" / "pcnet_m")
+    _perfect_step1(monkeypatch)(tiny / "data")
+    cfg = load_config(None, overrides=_ov(tiny) + [f"run.root={tmp_path / 'runs'}"])
+    (entry,) = [e for e in discover_methods("default", str(tmp_path / "runs")) if e.name == "Deocclusion"]
+    calls = []
+    infer = PCNetMModule.image_prediction
+    monkeypatch.setattr(PCNetMModule, "image_prediction", lambda self, b: calls.append(1) or infer(self, b))
+    report = evaluate_detect(cfg, torch.device("cpu"), max_batches=1,
+                             entries=[entry, dataclasses.replace(entry, name="Deocclusion again")])
+    rows = {r.row.name: r for r in report.scored}
+    assert len(calls) == 1
+    assert rows["Deocclusion again"].row.miou == rows["Deocclusion"].row.miou
+    assert rows["Deocclusion again"].ap == rows["Deocclusion"].ap
+
+
 def test_without_step_1_the_fed_rows_say_so_and_the_detectors_still_run(tiny):
     cfg = load_config(None, overrides=_ov(tiny) + [f"run.root={tiny / 'runs'}"])
     report = evaluate_detect(cfg, torch.device("cpu"), max_batches=1)

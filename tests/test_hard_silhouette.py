@@ -136,6 +136,7 @@ def test_bench_speed_times_both_paths_and_compares_their_masks():
     assert row.renderer.without_grad == "hard"
     md = silhouette_markdown([{"method": "Ours", "instances_per_s": 20.0, "silhouettes": res}])
     assert md.count("\n- ") == 1 and "- Ours: hard silhouettes 20.0 instances/s" in md
+    assert res["path"] == "hard" and row.renderer.compiled is False
     assert set_silhouettes_without_grad(row, "soft") == 1
     assert silhouette_paths(row, batches, cpu) is None
     with pytest.raises(ConfigError, match="silhouette_without_grad"):

@@ -515,7 +515,10 @@ def test_recon_step_bench_times_both_camera_choice_paths(tiny_root, tmp_path):
     dataset_class_names(cfg)
     r = bench_recon_step(cfg, batches=2, repeats=1)
     assert r["batches"] == 2 and all(r[m]["seconds_per_step"] > 0 for m in ("soft", "hard"))
-    assert 0.0 <= r["same_choice"] <= 1.0 and r["grad_rel_diff_max"] >= 0.0
-    if r["same_choice"] == 1.0:  # the same cameras: the same step, bar float noise
-        assert r["loss_rel_diff_max"] < 1e-4
-    assert "| hard |" in markdown(r)
+    h = r["hard"]
+    assert 0.0 <= h["same_choice"] <= 1.0 and h["grad_rel_diff_max"] >= 0.0 and h["speedup"] > 0
+    if h["same_choice"] == 1.0:  # the same cameras: the same step, bar float noise
+        assert h["loss_rel_diff_max"] < 1e-4
+    assert "| hard |" in markdown(r) and "| soft | " in markdown(r)
+    with pytest.raises(ValueError, match="expected some of"):
+        bench_recon_step(cfg, batches=1, repeats=1, modes=("soft", "fast"))

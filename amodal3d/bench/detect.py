@@ -135,8 +135,10 @@ def crop_config(cfg: DictConfig) -> DictConfig:
 
 @torch.no_grad()
 def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | None = None,
-                    entries: list[MethodEntry] | None = None) -> DetectReport:
-    """The detect protocol on cfg's test split, with the runs of cfg's experiment."""
+                    entries: list[MethodEntry] | None = None, progress_every: int = 4) -> DetectReport:
+    """The detect protocol on cfg's test split, with the runs of cfg's experiment (a
+    progress line on stderr every `progress_every` batches; 0: none). Rows sharing a
+    checkpoint (Ours and the run it is) are inferred once."""
     from amodal3d.lightning_modules.registry import get_stage
     from amodal3d.runs import find_stage_checkpoint
 
@@ -195,7 +197,7 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         step1_metrics = {"visible_mask": ap_metric("masks", len(names)).to(device),
                          "amodal_box": ap_metric("boxes", len(names)).to(device)}
     lc = cfg.loader
-    n_images, step1_seconds = 0, 0.0
+    n_images, step1_seconds, started = 0, 0.0, time.perf_counter()
     for b, (images, targets) in enumerate(detect_loader(cfg)):
         if max_batches is not None and b >= max_batches:
             break
@@ -217,21 +219,31 @@ def evaluate_detect(cfg: DictConfig, device: torch.device, max_batches: int | No
         crops, kept = step1_crops(images, dets, int(lc.crop_size), float(lc.visible_crop_margin))
         h, w = images[0].shape[-2:]
         counts = [len(k) for k in kept]
+        shared: dict[str, tuple[torch.Tensor, float]] = {}  # one inference per checkpoint (Ours is a run's row too)
         for name, module, ckpt in list(fed):
-            t0 = time.perf_counter()
             try:
-                if crops is not None:  # scored as evaluate_batch scores a gt-visible batch
-                    amodal = module.image_prediction({k: v.to(device) for k, v in crops.items()})[1][:, 0] > 0.5
+                if ckpt and ckpt in shared:
+                    amodal, seconds = shared[ckpt]
                 else:
-                    amodal = torch.zeros((0, h, w), dtype=torch.bool, device=device)
+                    t0 = time.perf_counter()
+                    if crops is not None:  # scored as evaluate_batch scores a gt-visible batch
+                        amodal = module.image_prediction({k: v.to(device) for k, v in crops.items()})[1][:, 0] > 0.5
+                    else:
+                        amodal = torch.zeros((0, h, w), dtype=torch.bool, device=device)
+                    seconds = time.perf_counter() - t0
+                    if ckpt:
+                        shared[ckpt] = (amodal, seconds)
             except Exception as err:  # this row fails, the others go on
                 print(f"[bench] detect {name}: evaluation failed: {err!r}", file=sys.stderr)
                 fed.remove((name, module, ckpt))
                 unscored.append(MethodResult(name=name, status=f"error: {err!r}", checkpoint=ckpt))
                 continue
-            scorers[name].seconds += time.perf_counter() - t0
+            scorers[name].seconds += seconds
             for d, keep, a, t in zip(dets, kept, amodal.split(counts), targets):
                 scorers[name].update(d["boxes"][keep], a, d["labels"][keep], d["scores"][keep], t)
+        if progress_every and (b + 1) % progress_every == 0:
+            print(f"[bench] detect: {n_images} images, {sum(counts)} step-1 detections in the last batch, "
+                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     if step1 is None:
         unscored.insert(0, MethodResult(name="visible floor (step 1)", status=(
             "needs step 1: train it with `make train STAGE=visible`; every row fed by step 1 waits for it")))

@@ -142,7 +142,8 @@ def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None
     """The stage module of `entry` restored from its checkpoint (or built by its own
     `load`), in eval mode on `device`. With the bench config `cfg`: refused (ConfigError) when
     trained on another category table than cfg's dataset, or under another protocol; its
-    renders without gradient switched to cfg.bench.silhouettes unless that is "checkpoint"."""
+    renders without gradient switched to cfg.bench.silhouettes and its renderers' compilation
+    to cfg.bench.renderer_compiled unless they are "checkpoint"."""
     from amodal3d.lightning_modules.registry import get_stage
 
     if entry.load is not None:
@@ -166,6 +167,13 @@ def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None
         from amodal3d.models.mesh_renderer import set_silhouettes_without_grad
 
         set_silhouettes_without_grad(module, mode)
+    compiled = str(cfg.bench.get("renderer_compiled", "checkpoint")) if cfg is not None and "bench" in cfg else "checkpoint"
+    if compiled.lower() not in ("checkpoint", "true", "false"):  # YAML reads on/off as true/false
+        raise ConfigError(f"bench.renderer_compiled={compiled!r}: expected checkpoint, true or false")
+    if compiled != "checkpoint":
+        from amodal3d.models.mesh_renderer import set_renderer_compiled
+
+        set_renderer_compiled(module, compiled.lower() == "true")
     return module.to(device).eval()
 
 

@@ -1,13 +1,16 @@
-"""recon's training step with soft and with hard camera-choice renders, timed apart.
+"""recon's training step under renderer settings, timed apart on the same batches.
 
 The camera multiplex picks its hypothesis from renders no gradient flows through
 (ReconNet.select_camera); with `model.silhouette_without_grad=hard` those renders are
-hard silhouettes (models/hard_silhouette.py). This times forward + backward of the
-recon stage's training step on the same training batches and weights under both, after
-the warm-ups (instance offsets and the cycle on, as in most of a run), and says how far
-the steps agree: the hypotheses chosen, the loss and the gradient.
+hard silhouettes (models/hard_silhouette.py); with `model.renderer_compiled=true` every
+render's per-face window maths runs through torch.compile (models/face_windows.py).
+This times forward + backward of the recon stage's training step on the same training
+batches and weights under each mode, after the warm-ups (instance offsets and the cycle
+on, as in most of a run), and says how far each mode's steps agree with the first
+mode's (soft, eager): the hypotheses chosen, the loss and the gradient.
 
-    python -m amodal3d.bench.recon_step [--exp NAME] [--batches 6] [--repeats 2] [key=value ...]
+    python -m amodal3d.bench.recon_step [--exp NAME] [--batches 6] [--repeats 2]
+        [--modes soft,hard,compiled,hard+compiled] [key=value ...]
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-MODES = ("soft", "hard")
+# mode -> model overrides; the first is the reference the others are compared with
+MODES = {
+    "soft": {"silhouette_without_grad": "soft", "renderer_compiled": False},
+    "hard": {"silhouette_without_grad": "hard", "renderer_compiled": False},
+    "compiled": {"silhouette_without_grad": "soft", "renderer_compiled": True},
+    "hard+compiled": {"silhouette_without_grad": "hard", "renderer_compiled": True},
+}
 
 
 def _step(module, batch: dict, seed: int) -> tuple[float, torch.Tensor, torch.Tensor, float]:
@@ -46,8 +55,12 @@ def _step(module, batch: dict, seed: int) -> tuple[float, torch.Tensor, torch.Te
     return float(loss), chosen["best"], grad, dt
 
 
-def bench_recon_step(cfg, batches: int = 6, repeats: int = 2) -> dict:
-    """Seconds per step under each mode (median over batches x repeats) and the agreement."""
+def bench_recon_step(cfg, batches: int = 6, repeats: int = 2, modes: tuple[str, ...] = ("soft", "hard")) -> dict:
+    """Seconds per step under each mode (median over batches x repeats; the first
+    compiled step of a mode is a warm-up too) and each mode's agreement with modes[0]."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"recon_step modes {list(modes)}: expected some of {', '.join(MODES)}")
     import warnings
 
     from amodal3d.lightning_modules.registry import get_stage
@@ -63,11 +76,11 @@ def bench_recon_step(cfg, batches: int = 6, repeats: int = 2) -> dict:
         data.append(b)
     state = None
     res: dict = {"batches": len(data), "batch_size": int(data[0]["visible"].shape[0]),
-                 "threads": torch.get_num_threads()}
+                 "threads": torch.get_num_threads(), "modes": list(modes)}
     steps: dict = {}
-    for mode in MODES:
+    for mode in modes:
         torch.manual_seed(0)
-        module = spec.module(OmegaConf.merge(cfg, {"model": {"silhouette_without_grad": mode}}))
+        module = spec.module(OmegaConf.merge(cfg, {"model": MODES[mode]}))
         if state is None:
             state = module.state_dict()
         module.load_state_dict(state)  # the same weights in both modes
@@ -75,7 +88,8 @@ def bench_recon_step(cfg, batches: int = 6, repeats: int = 2) -> dict:
         times, steps[mode] = [], []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is a no-op
-            _step(module, data[0], 0)  # warm-up
+            for b in data if MODES[mode]["renderer_compiled"] else data[:1]:  # warm-up (compiles each shape)
+                _step(module, b, 0)
             for r in range(repeats):
                 for i, b in enumerate(data):
                     out = _step(module, b, i)
@@ -83,26 +97,36 @@ def bench_recon_step(cfg, batches: int = 6, repeats: int = 2) -> dict:
                     if r == 0:
                         steps[mode].append(out)
         res[mode] = {"seconds_per_step": statistics.median(times)}
-    res["speedup"] = res["soft"]["seconds_per_step"] / res["hard"]["seconds_per_step"]
-    pairs = list(zip(steps["soft"], steps["hard"]))
-    res["same_choice"] = float(torch.cat([(s[1] == h[1]).float() for s, h in pairs]).mean())
-    res["loss_rel_diff_max"] = max(abs(s[0] - h[0]) / max(abs(s[0]), 1e-12) for s, h in pairs)
-    res["grad_rel_diff_max"] = max(float((s[2] - h[2]).norm() / s[2].norm().clamp_min(1e-30)) for s, h in pairs)
+    ref = modes[0]
+    for mode in modes[1:]:
+        pairs = list(zip(steps[ref], steps[mode]))
+        res[mode].update({
+            "speedup": res[ref]["seconds_per_step"] / res[mode]["seconds_per_step"],
+            "same_choice": float(torch.cat([(s[1] == h[1]).float() for s, h in pairs]).mean()),
+            "loss_rel_diff_max": max(abs(s[0] - h[0]) / max(abs(s[0]), 1e-12) for s, h in pairs),
+            "grad_rel_diff_max": max(float((s[2] - h[2]).norm() / s[2].norm().clamp_min(1e-30)) for s, h in pairs),
+        })
     return res
 
 
 def markdown(r: dict) -> str:
+    ref = r["modes"][0]
+
+    def row(m: str) -> str:
+        x = r[m]
+        if m == ref:
+            return f"| {m} | {x['seconds_per_step']:.3f} | 1 (reference) | — | — | — |"
+        return (f"| {m} | {x['seconds_per_step']:.3f} | {x['speedup']:.2f}x | {100 * x['same_choice']:.1f}% | "
+                f"{x['loss_rel_diff_max']:.2e} | {x['grad_rel_diff_max']:.2e} |")
+
     return "\n".join([
         f"recon training step (forward + backward), {r['batches']} batches of {r['batch_size']} crops, "
-        f"{r['threads']} threads:",
+        f"{r['threads']} threads; each mode against {ref} on the same batches and weights:",
         "",
-        "| camera-choice renders | s / step |",
-        "|---|---|",
-        *(f"| {m} | {r[m]['seconds_per_step']:.3f} |" for m in MODES),
-        "",
-        f"speedup {r['speedup']:.2f}x; same hypothesis chosen for {100 * r['same_choice']:.1f}% of the crops; "
-        f"largest relative difference of the loss {r['loss_rel_diff_max']:.2e}, of the gradient "
-        f"{r['grad_rel_diff_max']:.2e} (over the batches)",
+        "| renders | s / step | speedup | same hypothesis chosen | loss, largest relative difference | "
+        "gradient, largest relative difference |",
+        "|---|---|---|---|---|---|",
+        *(row(m) for m in r["modes"]),
     ])
 
 
@@ -113,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exp", default=None)
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--modes", default="soft,hard,compiled,hard+compiled",
+                    help=f"comma-separated, the first is the reference: {', '.join(MODES)}")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     # past the warm-ups: offsets and the cycle on, as for most of a run
@@ -121,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     from amodal3d.bench.evaluate import dataset_class_names
 
     dataset_class_names(cfg)
-    print(markdown(bench_recon_step(cfg, args.batches, args.repeats)))
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    print(markdown(bench_recon_step(cfg, args.batches, args.repeats, modes)))
     return 0
 
 

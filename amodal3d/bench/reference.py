@@ -38,30 +38,38 @@ def box_mask(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (iny[:, :, None] & inx[:, None, :]).float()[:, None]
 
 
+def _cross(o: tuple, a: tuple, b: tuple) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
 def _hull(points: np.ndarray) -> np.ndarray:
     """Convex hull (counter-clockwise, no repeated end) of (N,2) points: Andrew's monotone chain."""
-    pts = np.unique(points, axis=0)
+    pts = [tuple(p) for p in np.unique(points, axis=0).tolist()]
     if len(pts) <= 2:
-        return pts
+        return np.array(pts, dtype=np.float64).reshape(-1, 2)
 
     def half(seq):
         out: list = []
         for p in seq:
-            while len(out) >= 2 and np.cross(out[-1] - out[-2], p - out[-2]) <= 0:
+            while len(out) >= 2 and _cross(out[-2], out[-1], p) <= 0:
                 out.pop()
             out.append(p)
         return out
 
     lower, upper = half(pts), half(pts[::-1])
-    return np.array(lower[:-1] + upper[:-1])
+    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
 
 
 def convex_hull_mask(mask: np.ndarray) -> np.ndarray:
-    """bool (H,W): the pixels whose centre lies in the convex hull of the pixel squares of `mask`."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    """bool (H,W): the pixels whose centre lies in the convex hull of the pixel squares of `mask`.
+    Only each row's first and last pixel can reach the hull: their corners are its points."""
+    rows = np.nonzero(mask.any(axis=1))[0]
+    if len(rows) == 0:
         return np.zeros_like(mask, bool)
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(np.float64)
+    first = mask[rows].argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    xs, ys = np.concatenate([first, last + 1]), np.concatenate([rows, rows])
+    corners = np.concatenate([np.stack([xs, ys + dy], 1) for dy in (0, 1)]).astype(np.float64)
     hull = _hull(corners)
     h, w = mask.shape
     gy, gx = np.mgrid[0:h, 0:w]

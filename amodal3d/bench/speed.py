@@ -129,48 +129,70 @@ def measure_inference(module, batches: list[dict], device: torch.device, warmup:
     }
 
 
-@torch.no_grad()
-def silhouette_paths(module, batches: list[dict], device: torch.device) -> dict | None:
-    """For a method whose 3D renders without gradient are hard (models.hard_silhouette):
-    its throughput with the soft renders instead (the path before), and how far its masks
-    (> 0.5, crop frame) under the two paths agree: per-instance IoU (two empty masks: 1).
-    None for a method without such renders."""
-    from amodal3d.models.mesh_renderer import CropRenderer, set_silhouettes_without_grad
+def render_path(module) -> str | None:
+    """The path of a 3D row's renders without gradient: "hard", "compiled", "hard+compiled",
+    "soft" (the path before either existed), None for a row without a 3D renderer."""
+    from amodal3d.models.mesh_renderer import CropRenderer
 
     renderers = [m for m in module.modules() if isinstance(m, CropRenderer)]
-    if not renderers or any(r.without_grad != "hard" for r in renderers):
+    if not renderers:
         return None
+    hard = all(r.without_grad == "hard" for r in renderers)
+    compiled = all(r.compiled for r in renderers)
+    return "+".join([p for p, on in (("hard", hard), ("compiled", compiled)) if on]) or "soft"
+
+
+@torch.no_grad()
+def silhouette_paths(module, batches: list[dict], device: torch.device) -> dict | None:
+    """For a method whose 3D renders without gradient take a new path (hard silhouettes,
+    models.hard_silhouette; compiled window maths, models.face_windows): its throughput on
+    the path before (soft, eager), and how far its masks (> 0.5, crop frame) under the two
+    paths agree: per-instance IoU (two empty masks: 1). None for a method on the soft eager
+    path or without 3D renders."""
+    from amodal3d.models.mesh_renderer import CropRenderer, set_renderer_compiled, set_silhouettes_without_grad
+
+    path = render_path(module)
+    if path in (None, "soft"):
+        return None
+    renderers = [m for m in module.modules() if isinstance(m, CropRenderer)]
+    state = [(r.without_grad, r.compiled) for r in renderers]
     module.eval()
-    hard = [module.predict_amodal(b) > 0.5 for b in batches]
+    new = [module.predict_amodal(b) > 0.5 for b in batches]
     set_silhouettes_without_grad(module, "soft")
+    set_renderer_compiled(module, False)
     try:
         soft_speed = measure_inference(module, batches, device)
         soft = [module.predict_amodal(b) > 0.5 for b in batches]
     finally:
-        set_silhouettes_without_grad(module, "hard")
-    h, s = torch.cat(hard).flatten(1), torch.cat(soft).flatten(1)
+        for r, (mode, compiled) in zip(renderers, state):
+            r.without_grad, r.compiled = mode, compiled
+    h, s = torch.cat(new).flatten(1), torch.cat(soft).flatten(1)
     union = (h | s).sum(1)
     iou = torch.where(union > 0, (h & s).sum(1) / union.clamp_min(1), torch.ones_like(union, dtype=torch.float))
-    return {"soft": soft_speed, "mask_iou_mean": float(iou.float().mean()), "mask_iou_min": float(iou.min()),
-            "instances_differing": int((h != s).any(1).sum()), "instances": int(len(iou))}
+    return {"path": path, "soft": soft_speed, "mask_iou_mean": float(iou.float().mean()),
+            "mask_iou_min": float(iou.min()), "instances_differing": int((h != s).any(1).sum()),
+            "instances": int(len(iou))}
 
 
 def silhouette_markdown(rows: list[dict]) -> str:
-    """The lines comparing each 3D row's hard and soft renders (silhouette_paths)."""
+    """The lines comparing each 3D row's new render path with the soft eager one (silhouette_paths)."""
     lines = []
     for r in rows:
         p = r.get("silhouettes")
         if not p:
             continue
+        path = p.get("path", "hard")
+        label = {"hard": "hard silhouettes", "compiled": "compiled renders",
+                 "hard+compiled": "hard silhouettes, compiled"}.get(path, path)
         lines.append(
-            f"- {r['method']}: hard silhouettes {r['instances_per_s']:.1f} instances/s, soft "
+            f"- {r['method']}: {label} {r['instances_per_s']:.1f} instances/s, soft eager "
             f"{p['soft']['instances_per_s']:.1f} ({r['instances_per_s'] / p['soft']['instances_per_s']:.2f}x); "
-            f"masks (> 0.5) hard vs soft: mean IoU {p['mask_iou_mean']:.4f}, min {p['mask_iou_min']:.3f}, "
+            f"masks (> 0.5) {path} vs soft eager: mean IoU {p['mask_iou_mean']:.4f}, min {p['mask_iou_min']:.3f}, "
             f"{p['instances_differing']} of {p['instances']} instances differ in a pixel")
     if not lines:
         return ""
-    return ("Renders no gradient flows through (3D rows; `bench.silhouettes`, models/hard_silhouette.py):\n\n"
-            + "\n".join(lines))
+    return ("Renders no gradient flows through (3D rows; `bench.silhouettes`, models/hard_silhouette.py; "
+            "`bench.renderer_compiled`, models/face_windows.py):\n\n" + "\n".join(lines))
 
 
 def collect_batches(loader, device: torch.device, n: int) -> list[dict]:
