@@ -14,7 +14,7 @@ import torch
 def window_sides(extent: torch.Tensor, exact_up_to: int = 8) -> tuple[torch.Tensor, list[int]]:
     """(window side per face (N,) long, the sides present, ascending) for faces whose
     pixel boxes span `extent` pixels: the extent itself up to `exact_up_to` (most faces:
-    a power-of-two window would evaluate up to 1.8x the pixels), the next power of two
+    a power-of-two window would evaluate up to 2.6x the pixels: 8x8 for 5), the next power of two
     above (large faces are few: few loops). The sides present come from a bincount,
     not a sort."""
     e = extent.long().clamp_min(1)

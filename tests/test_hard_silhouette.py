@@ -154,3 +154,18 @@ def test_bench_raster_times_the_paths_without_gradient():
     assert all(p["forward_s"] > 0 for p in paths.values())
     assert paths["hard (ours)"]["iou_vs_soft"] > 0.97 and paths["pytorch3d hard (1 face/pixel)"]["iou_vs_soft"] > 0.9
     assert "| hard (ours) |" in format_table(r)
+
+
+def test_bench_render_settings_name_a_bad_value():
+    """bench.silhouettes and bench.renderer_compiled: a bad value names the key and the
+    value; on/off (YAML booleans) are accepted for the compilation."""
+    from amodal3d.bench.evaluate import bench_render_settings
+    from amodal3d.config import load_config
+
+    assert bench_render_settings(load_config(None)) == ("checkpoint", "checkpoint")
+    assert bench_render_settings(load_config(None, overrides=["bench.silhouettes=hard",
+                                                              "bench.renderer_compiled=on"])) == ("hard", "true")
+    with pytest.raises(ConfigError, match=r"bench.silhouettes='binary'"):
+        bench_render_settings(load_config(None, overrides=["bench.silhouettes=binary"]))
+    with pytest.raises(ConfigError, match=r"bench.renderer_compiled='fast'"):
+        bench_render_settings(load_config(None, overrides=["bench.renderer_compiled=fast"]))

@@ -138,6 +138,21 @@ def check_module_classes(module, checkpoint, cfg: DictConfig) -> None:
     check_class_names(checkpoint, class_names(module.cfg), class_names(cfg), str(cfg.data.root))
 
 
+def bench_render_settings(cfg: DictConfig | None) -> tuple[str, str]:
+    """(bench.silhouettes, bench.renderer_compiled) of a bench config: "checkpoint" (each
+    checkpoint's own setting) or the value every 3D row is switched to (hard | soft;
+    true | false — YAML reads on/off as true/false); ConfigError names a bad one."""
+    if cfg is None or "bench" not in cfg:
+        return "checkpoint", "checkpoint"
+    mode = str(cfg.bench.get("silhouettes", "checkpoint"))
+    if mode not in ("checkpoint", "hard", "soft"):
+        raise ConfigError(f"bench.silhouettes={mode!r}: expected checkpoint, hard or soft")
+    compiled = str(cfg.bench.get("renderer_compiled", "checkpoint"))
+    if compiled.lower() not in ("checkpoint", "true", "false"):
+        raise ConfigError(f"bench.renderer_compiled={compiled!r}: expected checkpoint, true or false")
+    return mode, compiled.lower()
+
+
 def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None = None) -> AmodalStage:
     """The stage module of `entry` restored from its checkpoint (or built by its own
     `load`), in eval mode on `device`. With the bench config `cfg`: refused (ConfigError) when
@@ -160,20 +175,15 @@ def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None
     if cfg is not None and protocol_of(module.cfg) != protocol_of(cfg):
         raise ValueError(f"{entry.name}: trained under protocol {protocol_of(module.cfg)}, benchmarked under "
                          f"{protocol_of(cfg)}; benchmark it with --protocol {protocol_of(module.cfg)}")
-    mode = str(cfg.bench.silhouettes) if cfg is not None and "bench" in cfg else "checkpoint"
-    if mode not in ("checkpoint", "hard", "soft"):
-        raise ConfigError(f"bench.silhouettes={mode!r}: expected checkpoint, hard or soft")
+    mode, compiled = bench_render_settings(cfg)
     if mode != "checkpoint":
         from amodal3d.models.mesh_renderer import set_silhouettes_without_grad
 
         set_silhouettes_without_grad(module, mode)
-    compiled = str(cfg.bench.get("renderer_compiled", "checkpoint")) if cfg is not None and "bench" in cfg else "checkpoint"
-    if compiled.lower() not in ("checkpoint", "true", "false"):  # YAML reads on/off as true/false
-        raise ConfigError(f"bench.renderer_compiled={compiled!r}: expected checkpoint, true or false")
     if compiled != "checkpoint":
         from amodal3d.models.mesh_renderer import set_renderer_compiled
 
-        set_renderer_compiled(module, compiled.lower() == "true")
+        set_renderer_compiled(module, compiled == "true")
     return module.to(device).eval()
 
 

@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset_class_names(cfg)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes {args.modes!r}: expected a comma-separated list of {', '.join(MODES)}")
     print(markdown(bench_recon_step(cfg, args.batches, args.repeats, modes)))
     return 0
 
