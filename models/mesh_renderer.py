@@ -37,6 +37,7 @@ from pytorch3d.renderer import (
 from pytorch3d.structures import Meshes
 from torch import nn
 
+from amodal3d.models import native_silhouette
 from amodal3d.models.face_windows import compiled_window, window_sides
 from amodal3d.models.hard_silhouette import HardSilhouette, check_without_grad, needs_gradient
 from amodal3d.models.precision import float32_geometry
@@ -155,17 +156,28 @@ class SparseSoftSilhouette(nn.Module):
     pixels x faces rasteriser at the crop sizes used here. A mesh reaching the
     camera's near plane goes to the exact pytorch3d path (that mesh only: its
     backward is some 100x slower; `last_exact_rows` counts them). `last_stats`
-    holds the latest call's window work (sparse_soft_silhouette's stats); `compiled`
-    runs the window maths through torch.compile."""
+    holds the latest call's window work (sparse_soft_silhouette's stats; 0 for a native
+    call); `compiled` runs the window maths through torch.compile; `native`: renders
+    without gradient on the CPU go to the C++ kernel of models.native_silhouette (same
+    values to about 1e-6), where it builds."""
 
     def __init__(self, image_size: int, sigma: float = 1e-4, faces_per_pixel: int = 10,
-                 blur_radius: float | None = None, compiled: bool = False) -> None:
+                 blur_radius: float | None = None, compiled: bool = False, native: bool = False) -> None:
         super().__init__()
         self.compiled = bool(compiled)
+        self.native = bool(native)
         self.image_size = int(image_size)
         self.sigma = float(sigma)
         self.blur_radius = math.log(1.0 / 1e-4 - 1.0) * sigma if blur_radius is None else float(blur_radius)
         self.exact = Pytorch3DSoftSilhouette(image_size, sigma, faces_per_pixel, self.blur_radius)
+
+    def _far_meshes(self, xy: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+        """Silhouettes of meshes clear of the near plane: the native kernel where it applies."""
+        if (self.native and xy.device.type == "cpu" and not (torch.is_grad_enabled() and xy.requires_grad)
+                and native_silhouette.available()):
+            return native_silhouette.soft_silhouette(xy, faces, self.image_size, self.sigma, self.blur_radius)
+        return sparse_soft_silhouette(xy, faces, self.image_size, self.sigma, self.blur_radius, self.last_stats,
+                                      self.compiled)
 
     def forward(self, meshes: Meshes, cameras) -> torch.Tensor:
         verts = meshes.verts_padded()
@@ -176,15 +188,12 @@ class SparseSoftSilhouette(nn.Module):
         self.last_exact_rows = int(near.sum())
         self.last_stats = {"window_pixels": 0}
         if not near.any():
-            return sparse_soft_silhouette(ndc[..., :2], meshes.faces_padded(), self.image_size, self.sigma,
-                                          self.blur_radius, self.last_stats, self.compiled)
+            return self._far_meshes(ndc[..., :2], meshes.faces_padded())
         # only the meshes reaching the plane take the exact (slow) path
         sil = verts.new_zeros(verts.shape[0], self.image_size, self.image_size)
         far, rows = (~near).nonzero(as_tuple=True)[0], near.nonzero(as_tuple=True)[0]
         if len(far):
-            sil = sil.index_put((far,), sparse_soft_silhouette(
-                ndc[far][..., :2], meshes.faces_padded()[far], self.image_size, self.sigma, self.blur_radius,
-                self.last_stats, self.compiled))
+            sil = sil.index_put((far,), self._far_meshes(ndc[far][..., :2], meshes.faces_padded()[far]))
         return sil.index_put((rows,), self.exact(meshes[rows.tolist()], cameras[rows]))
 
 
@@ -309,10 +318,11 @@ class CropRenderer(nn.Module):
 
     def __init__(
         self, sigma: float = 1e-4, faces_per_pixel: int = 10, backend: str = "sparse", fov: float = NMR_FOV,
-        without_grad: str = "soft", compiled: bool = False,
+        without_grad: str = "soft", compiled: bool = False, native: bool = False,
     ) -> None:
         super().__init__()
         self.compiled = bool(compiled)  # the per-face window maths through torch.compile (same values)
+        self.native = bool(native)  # soft renders without gradient by the C++ CPU kernel (same values)
         self.sigma = sigma
         self.faces_per_pixel = faces_per_pixel
         self.backend = backend
@@ -336,6 +346,8 @@ class CropRenderer(nn.Module):
         for r in (renderer, getattr(renderer, "exact", None)):
             if hasattr(r, "compiled"):
                 r.compiled = self.compiled
+            if hasattr(r, "native"):
+                r.native = self.native
         return renderer
 
     @float32_geometry
@@ -353,20 +365,28 @@ class CropRenderer(nn.Module):
         return sil
 
 
+def _set_on_renderers(module: nn.Module, attr: str, value) -> int:
+    """Set `attr` of every CropRenderer inside `module`; the number set."""
+    found = [m for m in module.modules() if isinstance(m, CropRenderer)]
+    for m in found:
+        setattr(m, attr, value)
+    return len(found)
+
+
 def set_renderer_compiled(module: nn.Module, on: bool) -> int:
     """Switch the torch.compile'd window maths on or off in every CropRenderer inside
     `module`; the number switched."""
-    found = [m for m in module.modules() if isinstance(m, CropRenderer)]
-    for m in found:
-        m.compiled = bool(on)
-    return len(found)
+    return _set_on_renderers(module, "compiled", bool(on))
+
+
+def set_renderer_native(module: nn.Module, on: bool) -> int:
+    """Switch the native CPU kernel (models.native_silhouette) for soft renders without
+    gradient on or off in every CropRenderer inside `module`; the number switched."""
+    return _set_on_renderers(module, "native", bool(on))
 
 
 def set_silhouettes_without_grad(module: nn.Module, mode: str) -> int:
     """Switch every CropRenderer inside `module` (a stage, a ShapePrior) to `mode` for
     the renders no gradient flows through ("hard" | "soft"); the number switched."""
     check_without_grad(mode)
-    found = [m for m in module.modules() if isinstance(m, CropRenderer)]
-    for m in found:
-        m.without_grad = mode
-    return len(found)
+    return _set_on_renderers(module, "without_grad", mode)

@@ -81,6 +81,7 @@ class ReconNet(nn.Module):
         self.renderer = CropRenderer(
             sigma=float(m.sigma), faces_per_pixel=int(m.faces_per_pixel), backend=str(m.renderer_backend),
             without_grad=str(m.silhouette_without_grad), compiled=bool(m.renderer_compiled),
+            native=bool(m.renderer_native),
         )
         # colour templates only when asked for: checkpoints trained without them keep loading
         self.appearance = (ColourTemplates(num_categories, self.decoder.src, init_noise=float(m.colour_init_noise))
@@ -215,6 +216,7 @@ class ReconModelConfig:
     faces_per_pixel: int = 10
     renderer_backend: str = "sparse"  # sparse | pytorch3d | auto/fast (models.soft_silhouette)
     renderer_compiled: bool = False  # the renderers' per-face window maths through torch.compile: same values, faster (docs/results.md)
+    renderer_native: bool = True  # soft renders without gradient on the CPU by a C++ kernel (models/native_silhouette.py): same values, faster
     silhouette_without_grad: str = "soft"  # renders no gradient flows through: soft | hard (models.hard_silhouette; faster, masks differ: docs/results.md)
     template_lr_mult: float = 10.0  # the templates are few parameters with a long way to go
     w_hypothesis: float = 0.1  # multiplex: the score learns to rank the best-fitting hypothesis first

@@ -358,3 +358,30 @@ def test_visible_lost_counts_the_visible_pixels_a_prediction_drops(trained):
     empty = Empty(floor.cfg)
     assert visible_lost(empty, eval_loader(cfg), torch.device("cpu")) == {"pixels": 1.0, "instances": 1.0,
                                                                           "count": keeps["count"]}
+
+
+def test_paired_ratio_times_two_rows_in_alternation():
+    """`bench speed`'s Ours / 2D-only figure: both rows timed in turn on the same batches;
+    a row doing four times the work comes out well below 1, the rounds are all kept."""
+    from amodal3d.bench.speed import paired_markdown, paired_ratio
+
+    class Row(torch.nn.Module):
+        def __init__(self, repeats: int):
+            super().__init__()
+            self.repeats, self.lin = repeats, torch.nn.Linear(256, 256)
+
+        def predict_amodal(self, batch):
+            x = batch["visible"].flatten(1)[:, :256]
+            for _ in range(self.repeats):
+                for _ in range(20):
+                    x = self.lin(x)
+            return x
+
+    batches = [{"visible": torch.rand(64, 1, 16, 16)}] * 4
+    r = paired_ratio(Row(4), Row(1), batches, torch.device("cpu"), rounds=3)
+    assert r["rounds"] == 3 and len(r["instances_per_s"]) == 3
+    assert r["min"] <= r["median"] <= r["max"] < 0.8
+    assert "Ours / 2D-only throughput, timed in alternation (3 rounds" in paired_markdown("Ours", "2D-only", r)
+    assert paired_markdown("Ours", "2D-only", None) == ""
+    with pytest.raises(ValueError, match="rounds=0"):
+        paired_ratio(Row(1), Row(1), batches, torch.device("cpu"), rounds=0)

@@ -145,27 +145,35 @@ def test_bench_speed_times_both_paths_and_compares_their_masks():
 
 def test_bench_raster_times_the_paths_without_gradient():
     """`bench raster` also times the renders without gradient (soft, pytorch3d's hard
-    coverage, ours) and scores each hard one against the soft mask."""
+    coverage, ours, the native kernel) and scores each against the soft mask."""
     from amodal3d.bench.raster import bench_raster, format_table
 
     r = bench_raster(batch=2, faces=320, image_size=24, repeats=1)
     paths = r["no_grad"]
-    assert set(paths) == {"sparse soft", "pytorch3d hard (1 face/pixel)", "hard (ours)"}
+    assert set(paths) == {"sparse soft", "pytorch3d hard (1 face/pixel)", "hard (ours)", "native soft (C++)"}
+    assert paths["native soft (C++)"]["iou_vs_soft"] == 1.0  # the same values
     assert all(p["forward_s"] > 0 for p in paths.values())
     assert paths["hard (ours)"]["iou_vs_soft"] > 0.97 and paths["pytorch3d hard (1 face/pixel)"]["iou_vs_soft"] > 0.9
     assert "| hard (ours) |" in format_table(r)
 
 
 def test_bench_render_settings_name_a_bad_value():
-    """bench.silhouettes and bench.renderer_compiled: a bad value names the key and the
-    value; on/off (YAML booleans) are accepted for the compilation."""
+    """bench.silhouettes, bench.renderer_compiled, bench.renderer_native and
+    bench.fused_encoders: a bad value names the key and the value; on/off (YAML booleans)
+    are accepted for the switches."""
     from amodal3d.bench.evaluate import bench_render_settings
     from amodal3d.config import load_config
 
-    assert bench_render_settings(load_config(None)) == ("checkpoint", "checkpoint")
-    assert bench_render_settings(load_config(None, overrides=["bench.silhouettes=hard",
-                                                              "bench.renderer_compiled=on"])) == ("hard", "true")
+    assert bench_render_settings(load_config(None)) == {
+        "silhouettes": "checkpoint", "renderer_compiled": "checkpoint", "renderer_native": "checkpoint",
+        "fused_encoders": "checkpoint"}
+    assert bench_render_settings(load_config(None, overrides=[
+        "bench.silhouettes=hard", "bench.renderer_compiled=on", "bench.renderer_native=off",
+        "bench.fused_encoders=false"])) == {
+        "silhouettes": "hard", "renderer_compiled": "true", "renderer_native": "false", "fused_encoders": "false"}
     with pytest.raises(ConfigError, match=r"bench.silhouettes='binary'"):
         bench_render_settings(load_config(None, overrides=["bench.silhouettes=binary"]))
     with pytest.raises(ConfigError, match=r"bench.renderer_compiled='fast'"):
         bench_render_settings(load_config(None, overrides=["bench.renderer_compiled=fast"]))
+    with pytest.raises(ConfigError, match=r"bench.renderer_native='cpp'"):
+        bench_render_settings(load_config(None, overrides=["bench.renderer_native=cpp"]))

@@ -522,3 +522,6 @@ def test_recon_step_bench_times_both_camera_choice_paths(tiny_root, tmp_path):
     assert "| hard |" in markdown(r) and "| soft | " in markdown(r)
     with pytest.raises(ValueError, match="expected some of"):
         bench_recon_step(cfg, batches=1, repeats=1, modes=("soft", "fast"))
+    # the native kernel renders the camera choice with the tensor path's values: the same step
+    n = bench_recon_step(cfg, batches=2, repeats=1, modes=("soft", "native"))["native"]
+    assert n["same_choice"] == 1.0 and n["loss_rel_diff_max"] < 1e-5 and n["grad_rel_diff_max"] < 1e-4, n

@@ -138,27 +138,30 @@ def check_module_classes(module, checkpoint, cfg: DictConfig) -> None:
     check_class_names(checkpoint, class_names(module.cfg), class_names(cfg), str(cfg.data.root))
 
 
-def bench_render_settings(cfg: DictConfig | None) -> tuple[str, str]:
-    """(bench.silhouettes, bench.renderer_compiled) of a bench config: "checkpoint" (each
-    checkpoint's own setting) or the value every 3D row is switched to (hard | soft;
-    true | false — YAML reads on/off as true/false); ConfigError names a bad one."""
-    if cfg is None or "bench" not in cfg:
-        return "checkpoint", "checkpoint"
-    mode = str(cfg.bench.get("silhouettes", "checkpoint"))
+def bench_render_settings(cfg: DictConfig | None) -> dict[str, str]:
+    """{"silhouettes", "renderer_compiled", "renderer_native", "fused_encoders"} of a bench config:
+    "checkpoint" (each checkpoint's own setting) or the value every 3D row is switched to
+    (hard | soft; true | false — YAML reads on/off as true/false); ConfigError names a bad one."""
+    bench = cfg.bench if cfg is not None and "bench" in cfg else {}
+    mode = str(bench.get("silhouettes", "checkpoint"))
     if mode not in ("checkpoint", "hard", "soft"):
         raise ConfigError(f"bench.silhouettes={mode!r}: expected checkpoint, hard or soft")
-    compiled = str(cfg.bench.get("renderer_compiled", "checkpoint"))
-    if compiled.lower() not in ("checkpoint", "true", "false"):
-        raise ConfigError(f"bench.renderer_compiled={compiled!r}: expected checkpoint, true or false")
-    return mode, compiled.lower()
+    settings = {"silhouettes": mode}
+    for key in ("renderer_compiled", "renderer_native", "fused_encoders"):
+        value = str(bench.get(key, "checkpoint"))
+        if value.lower() not in ("checkpoint", "true", "false"):
+            raise ConfigError(f"bench.{key}={value!r}: expected checkpoint, true or false")
+        settings[key] = value.lower()
+    return settings
 
 
 def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None = None) -> AmodalStage:
     """The stage module of `entry` restored from its checkpoint (or built by its own
     `load`), in eval mode on `device`. With the bench config `cfg`: refused (ConfigError) when
     trained on another category table than cfg's dataset, or under another protocol; its
-    renders without gradient switched to cfg.bench.silhouettes and its renderers' compilation
-    to cfg.bench.renderer_compiled unless they are "checkpoint"."""
+    renders without gradient switched to cfg.bench.silhouettes, its renderers' compilation
+    to cfg.bench.renderer_compiled, their native kernel to cfg.bench.renderer_native and
+    its encoders' folded backbones to cfg.bench.fused_encoders, unless they are "checkpoint"."""
     from amodal3d.lightning_modules.registry import get_stage
 
     if entry.load is not None:
@@ -175,15 +178,16 @@ def load_method(entry: MethodEntry, device: torch.device, cfg: DictConfig | None
     if cfg is not None and protocol_of(module.cfg) != protocol_of(cfg):
         raise ValueError(f"{entry.name}: trained under protocol {protocol_of(module.cfg)}, benchmarked under "
                          f"{protocol_of(cfg)}; benchmark it with --protocol {protocol_of(module.cfg)}")
-    mode, compiled = bench_render_settings(cfg)
-    if mode != "checkpoint":
-        from amodal3d.models.mesh_renderer import set_silhouettes_without_grad
+    from amodal3d.models.encoder import set_fused_inference
+    from amodal3d.models.mesh_renderer import set_renderer_compiled, set_renderer_native, set_silhouettes_without_grad
 
-        set_silhouettes_without_grad(module, mode)
-    if compiled != "checkpoint":
-        from amodal3d.models.mesh_renderer import set_renderer_compiled
-
-        set_renderer_compiled(module, compiled == "true")
+    settings = bench_render_settings(cfg)
+    if settings["silhouettes"] != "checkpoint":
+        set_silhouettes_without_grad(module, settings["silhouettes"])
+    for key, switch in (("renderer_compiled", set_renderer_compiled), ("renderer_native", set_renderer_native),
+                        ("fused_encoders", set_fused_inference)):
+        if settings[key] != "checkpoint":
+            switch(module, settings[key] == "true")
     return module.to(device).eval()
 
 

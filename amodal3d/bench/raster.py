@@ -143,16 +143,19 @@ def bench_raster(
 
 
 def bench_no_grad(verts, faces, cameras, image_size: int, faces_per_pixel: int, repeats: int, dev) -> dict:
-    """Renders no gradient flows through: recon's soft renderer (sparse), pytorch3d's
-    rasteriser with one face per pixel and no blur (hard coverage), and
-    models.hard_silhouette; median seconds and, per hard path, the mean IoU of its mask
+    """Renders no gradient flows through: recon's soft renderer (sparse, tensor ops), the
+    same values by the native C++ kernel (CPU, where it builds: models.native_silhouette),
+    pytorch3d's rasteriser with one face per pixel and no blur (hard coverage), and
+    models.hard_silhouette; median seconds and, per other path, the mean IoU of its mask
     against the soft one thresholded at 0.5."""
     from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
 
+    from amodal3d.models import native_silhouette
     from amodal3d.models.hard_silhouette import HardSilhouette
     from amodal3d.models.mesh_renderer import SparseSoftSilhouette
 
     soft = SparseSoftSilhouette(image_size, faces_per_pixel=faces_per_pixel)
+    native = SparseSoftSilhouette(image_size, faces_per_pixel=faces_per_pixel, native=True)
     hard = HardSilhouette(image_size, soft.sigma, soft)
     coverage = MeshRasterizer(raster_settings=RasterizationSettings(
         image_size=image_size, blur_radius=0.0, faces_per_pixel=1, bin_size=0))
@@ -161,6 +164,8 @@ def bench_no_grad(verts, faces, cameras, image_size: int, faces_per_pixel: int, 
         "pytorch3d hard (1 face/pixel)": lambda m: (coverage(m, cameras=cameras).pix_to_face[..., 0] >= 0).float(),
         "hard (ours)": lambda m: hard(m, cameras),
     }
+    if verts.device.type == "cpu" and native_silhouette.available():
+        paths["native soft (C++)"] = lambda m: native(m, cameras)
     meshes = Meshes(verts=verts, faces=faces[None].expand(len(verts), -1, -1))
     out: dict = {}
     masks = {}

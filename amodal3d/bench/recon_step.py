@@ -3,14 +3,16 @@
 The camera multiplex picks its hypothesis from renders no gradient flows through
 (ReconNet.select_camera); with `model.silhouette_without_grad=hard` those renders are
 hard silhouettes (models/hard_silhouette.py); with `model.renderer_compiled=true` every
-render's per-face window maths runs through torch.compile (models/face_windows.py).
+render's per-face window maths runs through torch.compile (models/face_windows.py); with
+`model.renderer_native=true` (the default) the soft renders without gradient run in the
+C++ CPU kernel of models/native_silhouette.py.
 This times forward + backward of the recon stage's training step on the same training
 batches and weights under each mode, after the warm-ups (instance offsets and the cycle
 on, as in most of a run), and says how far each mode's steps agree with the first
 mode's (soft, eager): the hypotheses chosen, the loss and the gradient.
 
     python -m amodal3d.bench.recon_step [--exp NAME] [--batches 6] [--repeats 2]
-        [--modes soft,hard,compiled,hard+compiled] [key=value ...]
+        [--modes soft,hard,compiled,hard+compiled,native,compiled+native] [key=value ...]
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from omegaconf import OmegaConf
 
 # mode -> model overrides; the first is the reference the others are compared with
 MODES = {
-    "soft": {"silhouette_without_grad": "soft", "renderer_compiled": False},
-    "hard": {"silhouette_without_grad": "hard", "renderer_compiled": False},
-    "compiled": {"silhouette_without_grad": "soft", "renderer_compiled": True},
-    "hard+compiled": {"silhouette_without_grad": "hard", "renderer_compiled": True},
+    "soft": {"silhouette_without_grad": "soft", "renderer_compiled": False, "renderer_native": False},
+    "hard": {"silhouette_without_grad": "hard", "renderer_compiled": False, "renderer_native": False},
+    "compiled": {"silhouette_without_grad": "soft", "renderer_compiled": True, "renderer_native": False},
+    "hard+compiled": {"silhouette_without_grad": "hard", "renderer_compiled": True, "renderer_native": False},
+    "native": {"silhouette_without_grad": "soft", "renderer_compiled": False, "renderer_native": True},
+    "compiled+native": {"silhouette_without_grad": "soft", "renderer_compiled": True, "renderer_native": True},
 }
 
 
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exp", default=None)
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--modes", default="soft,hard,compiled,hard+compiled",
+    ap.add_argument("--modes", default="soft,native,compiled,compiled+native",
                     help=f"comma-separated, the first is the reference: {', '.join(MODES)}")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)

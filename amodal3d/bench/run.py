@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="bench", help="output folder (relative to the repo root)")
     ap.add_argument("--limit-batches", type=int, default=None, help="score only this many test batches (smoke runs)")
     ap.add_argument("--speed-batches", type=int, default=20, help="test batches timed per method")
+    ap.add_argument("--ratio-rounds", type=int, default=5,
+                    help="rounds of Ours and the 2D-only row timed in alternation for their throughput ratio (0: none)")
     ap.add_argument("--hardest-method", default="Ours", help="table row whose hardest cases the hardest part draws")
     ap.add_argument("--hardest-per-category", type=int, default=3, help="cases per category in bench/hardest.png")
     ap.add_argument("--predict-images", type=int, default=64, help="test images `predict` runs on in the speed part")
@@ -186,15 +188,18 @@ def part_seeds(args, cfg, device, meta: dict, out: Path) -> str:
 
 def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
     from amodal3d.bench.evaluate import eval_loader, load_method
+    from amodal3d.bench.ours import OURS
     from amodal3d.bench.speed import (
-        collect_batches, measure_inference, methods_markdown, predict_markdown, section_markdown, silhouette_markdown,
-        silhouette_paths,
+        collect_batches, measure_inference, methods_markdown, paired_markdown, paired_ratio, predict_markdown,
+        section_markdown, silhouette_markdown, silhouette_paths,
     )
     from amodal3d.atomic import write_text_atomic
     from amodal3d.bench.table import write_tensorboard_text
+    from amodal3d.lightning_modules.registry import get_stage
 
+    two_d_only = get_stage("refine_2d").method  # the row Ours' ratio is taken against
     batches = collect_batches(eval_loader(cfg), device, args.speed_batches)
-    rows = []
+    rows, kept = [], {}
     for e in _entries(args, cfg):
         if e.status != "ok":
             rows.append({"method": e.name, "stage": e.stage, "status": e.status})
@@ -210,13 +215,21 @@ def part_speed(args, cfg, device, meta: dict, out: Path) -> str:
         rows.append({"method": e.name, "stage": e.stage, "status": "ok", **res,
                      **({"silhouettes": paths} if paths else {})})
         print(f"[bench] {e.name}: {res['instances_per_s']:.1f} instances/s", flush=True)
+        if e.name in (OURS, two_d_only):
+            kept[e.name] = module
+    ratio = (paired_ratio(kept[OURS], kept[two_d_only], batches, device, args.ratio_rounds)
+             if args.ratio_rounds > 0 and len(kept) == 2 else None)
+    kept.clear()
     predict = _predict_throughput(args, cfg, device)
     body = methods_markdown(rows) + "\n\n" + predict_markdown(predict)
+    if ratio:
+        body += "\n\n" + paired_markdown(OURS, two_d_only, ratio)
     if paths_md := silhouette_markdown(rows):
         body += "\n\n" + paths_md
     md = section_markdown("Inference speed (predict_amodal on test batches already on the device)", body, meta)
     write_text_atomic(out / "speed.md", md)
-    write_json_atomic(out / "speed.json", {"meta": meta, "methods": rows, "predict": predict})
+    write_json_atomic(out / "speed.json", {"meta": meta, "methods": rows, "predict": predict,
+                                           "ours_over_2d_only": ratio})
     write_tensorboard_text(out / "tb", "bench/speed", md)
     print(md, flush=True)
     return md

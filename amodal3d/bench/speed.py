@@ -15,6 +15,7 @@ import os
 import platform
 import resource
 import socket
+import statistics
 import time
 from pathlib import Path
 
@@ -129,43 +130,90 @@ def measure_inference(module, batches: list[dict], device: torch.device, warmup:
     }
 
 
+RENDER_PARTS = {"hard": "hard silhouettes", "compiled": "compiled windows", "native": "native kernel",
+                "fused": "folded encoder"}
+
+
+def paired_ratio(a, b, batches: list[dict], device: torch.device, rounds: int = 5) -> dict:
+    """Throughput of module `a` over that of `b`, the two timed in alternation `rounds`
+    times on the same batches: this machine's speed drifts by tens of per cent between
+    rows timed minutes apart, so a ratio of two rows of the table is noisier than this
+    one. Median, min and max over the rounds, and the rounds themselves."""
+    if rounds < 1:
+        raise ValueError(f"paired_ratio: rounds={rounds}, expected at least 1")
+    pairs = []
+    for _ in range(rounds):
+        ta = measure_inference(a, batches, device)["instances_per_s"]
+        tb = measure_inference(b, batches, device)["instances_per_s"]
+        pairs.append((ta, tb))
+    ratios = sorted(x / y for x, y in pairs)
+    return {"rounds": rounds, "median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
+            "instances_per_s": [list(p) for p in pairs]}
+
+
+def paired_markdown(name_a: str, name_b: str, r: dict | None) -> str:
+    if not r:
+        return ""
+    return (f"{name_a} / {name_b} throughput, timed in alternation ({r['rounds']} rounds, same batches): "
+            f"**median {r['median']:.2f}x** (min {r['min']:.2f}, max {r['max']:.2f}).")
+
+
 def render_path(module) -> str | None:
-    """The path of a 3D row's renders without gradient: "hard", "compiled", "hard+compiled",
-    "soft" (the path before either existed), None for a row without a 3D renderer."""
+    """The path of a 3D row's inference: its parts ("hard", "compiled", "native": the C++
+    kernel, counted only where it runs: a CPU module, the kernel built; "fused": the
+    encoders' folded backbones, models.encoder) joined by "+", "soft" for the soft eager
+    tensor path with plain encoders (the one before any of them existed), None for a row
+    without a 3D renderer."""
+    from amodal3d.models import native_silhouette
+    from amodal3d.models.encoder import CropEncoder
     from amodal3d.models.mesh_renderer import CropRenderer
 
     renderers = [m for m in module.modules() if isinstance(m, CropRenderer)]
     if not renderers:
         return None
-    hard = all(r.without_grad == "hard" for r in renderers)
-    compiled = all(r.compiled for r in renderers)
-    return "+".join([p for p, on in (("hard", hard), ("compiled", compiled)) if on]) or "soft"
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    parts = {
+        "hard": all(r.without_grad == "hard" for r in renderers),
+        "compiled": all(r.compiled for r in renderers),
+        "native": all(r.native for r in renderers) and on_cpu and native_silhouette.available(),
+        "fused": any(isinstance(m, CropEncoder) for m in module.modules())
+        and all(m.fused_inference for m in module.modules() if isinstance(m, CropEncoder)),
+    }
+    return "+".join(p for p, on in parts.items() if on) or "soft"
 
 
 @torch.no_grad()
 def silhouette_paths(module, batches: list[dict], device: torch.device) -> dict | None:
     """For a method whose 3D renders without gradient take a new path (hard silhouettes,
-    models.hard_silhouette; compiled window maths, models.face_windows): its throughput on
-    the path before (soft, eager), and how far its masks (> 0.5, crop frame) under the two
-    paths agree: per-instance IoU (two empty masks: 1). None for a method on the soft eager
-    path or without 3D renders."""
-    from amodal3d.models.mesh_renderer import CropRenderer, set_renderer_compiled, set_silhouettes_without_grad
+    models.hard_silhouette; compiled window maths, models.face_windows; the native kernel,
+    models.native_silhouette; folded encoders, models.encoder): its throughput on the path
+    before (soft, eager, tensor ops, plain encoders), and how far its masks (> 0.5, crop
+    frame) under the two paths agree: per-instance IoU (two empty masks: 1). None for a
+    method on that path already or without 3D renders."""
+    from amodal3d.models.encoder import CropEncoder
+    from amodal3d.models.mesh_renderer import CropRenderer
 
     path = render_path(module)
     if path in (None, "soft"):
         return None
     renderers = [m for m in module.modules() if isinstance(m, CropRenderer)]
-    state = [(r.without_grad, r.compiled) for r in renderers]
+    encoders = [m for m in module.modules() if isinstance(m, CropEncoder)]
+    state = [(r.without_grad, r.compiled, r.native) for r in renderers]
+    fused = [e.fused_inference for e in encoders]
     module.eval()
     new = [module.predict_amodal(b) > 0.5 for b in batches]
-    set_silhouettes_without_grad(module, "soft")
-    set_renderer_compiled(module, False)
+    for r in renderers:
+        r.without_grad, r.compiled, r.native = "soft", False, False
+    for e in encoders:
+        e.fused_inference = False
     try:
         soft_speed = measure_inference(module, batches, device)
         soft = [module.predict_amodal(b) > 0.5 for b in batches]
     finally:
-        for r, (mode, compiled) in zip(renderers, state):
-            r.without_grad, r.compiled = mode, compiled
+        for r, (mode, compiled, native) in zip(renderers, state):
+            r.without_grad, r.compiled, r.native = mode, compiled, native
+        for e, on in zip(encoders, fused):
+            e.fused_inference = on
     h, s = torch.cat(new).flatten(1), torch.cat(soft).flatten(1)
     union = (h | s).sum(1)
     iou = torch.where(union > 0, (h & s).sum(1) / union.clamp_min(1), torch.ones_like(union, dtype=torch.float))
@@ -182,8 +230,7 @@ def silhouette_markdown(rows: list[dict]) -> str:
         if not p:
             continue
         path = p.get("path", "hard")
-        label = {"hard": "hard silhouettes", "compiled": "compiled renders",
-                 "hard+compiled": "hard silhouettes, compiled"}.get(path, path)
+        label = " + ".join(RENDER_PARTS.get(part, part) for part in path.split("+"))
         lines.append(
             f"- {r['method']}: {label} {r['instances_per_s']:.1f} instances/s, soft eager "
             f"{p['soft']['instances_per_s']:.1f} ({r['instances_per_s'] / p['soft']['instances_per_s']:.2f}x); "
@@ -192,7 +239,8 @@ def silhouette_markdown(rows: list[dict]) -> str:
     if not lines:
         return ""
     return ("Renders no gradient flows through (3D rows; `bench.silhouettes`, models/hard_silhouette.py; "
-            "`bench.renderer_compiled`, models/face_windows.py):\n\n" + "\n".join(lines))
+            "`bench.renderer_compiled`, models/face_windows.py; `bench.renderer_native`, "
+            "models/native_silhouette.py; `bench.fused_encoders`, models/encoder.py):\n\n" + "\n".join(lines))
 
 
 def collect_batches(loader, device: torch.device, n: int) -> list[dict]:
