@@ -133,11 +133,11 @@ class BenchConfig:
     # checkpoint's model.renderer_compiled) | true | false
     renderer_compiled: str = "checkpoint"
     # soft renders without gradient on the CPU by the C++ kernel of models/native_silhouette.py
-    # in every 3D row (same values to about 1e-6): checkpoint (each checkpoint's
+    # in every 3D row (same values within 2e-6): checkpoint (each checkpoint's
     # model.renderer_native; on for checkpoints older than the key) | true | false
     renderer_native: str = "checkpoint"
     # the encoders' backbones with BatchNorm folded in, channels-last, in eval mode without
-    # gradient (models/encoder.py; same values to about 1e-6): checkpoint (the encoders'
+    # gradient (models/encoder.py; same values within 2e-6): checkpoint (the encoders'
     # default: on) | true | false
     fused_encoders: str = "checkpoint"
 

@@ -159,7 +159,7 @@ class SparseSoftSilhouette(nn.Module):
     holds the latest call's window work (sparse_soft_silhouette's stats; 0 for a native
     call); `compiled` runs the window maths through torch.compile; `native`: renders
     without gradient on the CPU go to the C++ kernel of models.native_silhouette (same
-    values to about 1e-6), where it builds."""
+    values within 2e-6), where it builds."""
 
     def __init__(self, image_size: int, sigma: float = 1e-4, faces_per_pixel: int = 10,
                  blur_radius: float | None = None, compiled: bool = False, native: bool = False) -> None:

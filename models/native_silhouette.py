@@ -4,7 +4,7 @@ Most renders of the 3D path need no gradient: recon's camera multiplex compares 
 hypotheses' silhouettes, and at inference every render is one. Through tensor ops those
 cost some forty passes over per-face windows (models.mesh_renderer.sparse_soft_silhouette);
 the kernel walks each face's pixels once, meshes in parallel, and gives the same values to
-about 1e-6 (tests/test_native_silhouette.py). It is built by torch.utils.cpp_extension on a
+within 2e-6 (tests/test_native_silhouette.py). It is built by torch.utils.cpp_extension on a
 machine's first use (about 40 s on 2 cores; cached under torch's extension directory, one
 build per CPU type because it is compiled for the CPU it runs on). Where it cannot be built
 (no C++ compiler or OpenMP), `available()` warns once with the reason and the renderers keep

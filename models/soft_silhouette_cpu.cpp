@@ -1,6 +1,6 @@
 // SoftRas silhouettes without gradient on the CPU (models/native_silhouette.py builds
 // and loads this file). The same values as models/mesh_renderer.sparse_soft_silhouette
-// (to about 1e-6): every face is evaluated on the pixels of its own box grown by the blur
+// (within 2e-6): every face is evaluated on the pixels of its own box grown by the blur
 // radius, meshes in parallel (each mesh owns its image: no atomics), and each pixel keeps
 // the product of (1 - D_f) = sigmoid(d_f / sigma) instead of a sum of logs (one exp, no log;
 // the silhouette is 1 - that product). A face farther than the blur radius from a pixel
