@@ -136,9 +136,9 @@ RENDER_PARTS = {"hard": "hard silhouettes", "compiled": "compiled windows", "nat
 
 def paired_ratio(a, b, batches: list[dict], device: torch.device, rounds: int = 5) -> dict:
     """Throughput of module `a` over that of `b`, the two timed in alternation `rounds`
-    times on the same batches: this machine's speed drifts by tens of per cent between
-    rows timed minutes apart, so a ratio of two rows of the table is noisier than this
-    one. Median, min and max over the rounds, and the rounds themselves."""
+    times on the same batches: a shared machine's speed can drift by tens of per cent
+    between rows timed minutes apart (docs/results.md), so a ratio of two rows of the
+    table is noisier than this one. Median, min and max over the rounds, and the rounds themselves."""
     if rounds < 1:
         raise ValueError(f"paired_ratio: rounds={rounds}, expected at least 1")
     pairs = []
