@@ -137,8 +137,8 @@ class BenchConfig:
     # model.renderer_native; on for checkpoints older than the key) | true | false
     renderer_native: str = "checkpoint"
     # the encoders' backbones with BatchNorm folded in, channels-last, in eval mode without
-    # gradient (models/encoder.py; same values within 2e-6): checkpoint (the encoders'
-    # default: on) | true | false
+    # gradient (models/encoder.py; the same function up to float rounding): checkpoint (the
+    # encoders' default: on) | true | false
     fused_encoders: str = "checkpoint"
 
 

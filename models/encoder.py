@@ -7,9 +7,10 @@ rather than by the object's outline.
 Where no gradient is needed in eval mode (validation, the bench, predict) the backbone
 runs as a copy with every BatchNorm folded into its convolution, channels-last
 (torch.fx's conv-bn fusion): the same function up to float rounding, faster on the CPU
-(`make bench-speed` times it against the plain backbone: docs/results.md). The copy is rebuilt whenever a weight changes (an optimiser step,
-a load_state_dict), so it never serves stale weights; `fused_inference = False` (or
-models.encoder.set_fused_inference) keeps the plain backbone.
+(`make bench-speed` times it against the plain backbone: docs/results.md). The copy is
+rebuilt whenever a weight changes (an optimiser step, a load_state_dict), so it never
+serves stale weights; `fused_inference = False` (or models.encoder.set_fused_inference)
+keeps the plain backbone.
 """
 
 from __future__ import annotations
