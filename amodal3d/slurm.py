@@ -1,8 +1,8 @@
 """Render and submit sbatch scripts for a stage (`make slurm`).
 
-Lightning does the SLURM work at run time (it detects the environment, handles
-SIGUSR1 by saving an HPC checkpoint and requeueing the job, and restores that
-checkpoint when the requeued job starts with ckpt_path=None). This file only
+At run time Lightning detects the environment and restores the HPC checkpoint when
+the requeued job starts with ckpt_path=None; callbacks/slurm_requeue.py handles SIGUSR1
+(saves that checkpoint at the next batch end, requeues the job). This file only
 writes the script that makes those conditions true: one task per GPU launched
 by srun, the signal sent 90 s before the time limit to the job steps (no `B:`,
 so it reaches the Python processes, not the batch shell), --requeue, and the

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -126,6 +127,12 @@ def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] |
                  FiniteLossGuard(int(cfg.run.finite_check_every_n_steps)), StepSeed(cfg.seed),
                  BroadcastBuffersBeforeEval(), *progress]
     callbacks += extra_callbacks or []
+    plugins = []
+    if SLURMEnvironment.detect():  # our requeue callback instead of Lightning's in-handler save
+        from amodal3d.callbacks.slurm_requeue import SlurmRequeue
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue())
     strategy = t.strategy
     if strategy == "auto" and world_size(cfg) > 1:
         strategy = "ddp"
@@ -149,6 +156,7 @@ def make_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] |
         enable_progress_bar=bar,
         logger=logger,
         callbacks=callbacks,
+        plugins=plugins or None,
     )
 
 
