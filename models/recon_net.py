@@ -64,7 +64,7 @@ class ReconNet(nn.Module):
         self.loss_weights = (float(m.w_iou), float(m.w_mse))
         self.encoder = CropEncoder(
             backbone=str(m.backbone), in_chans=4 + self.use_occluded, feat_dim=int(m.feat_dim),
-            num_categories=num_categories,
+            num_categories=num_categories, channels_last=bool(m.encoder_channels_last),
         )
         self.decoder = SymmetricMeshDecoder(
             int(m.feat_dim), num_categories, level=int(m.ico_level), radius=float(m.radius),
@@ -199,6 +199,7 @@ class ReconNet(nn.Module):
 @dataclass
 class ReconModelConfig:
     backbone: str = "resnet10t"  # any timm model name; always built with pretrained=False
+    encoder_channels_last: bool = True  # channels-last weights and inputs in training (faster; same values up to rounding)
     feat_dim: int = 256
     use_occluded: bool = True  # the occluded mask is an encoder input channel
     ico_level: int = 3  # icosphere subdivision: 3 = 642 vertices

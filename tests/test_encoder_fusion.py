@@ -78,3 +78,24 @@ def test_copies_and_pickles_drop_the_folded_copy():
     assert again._fused is None and "_fused" not in "".join(again.state_dict())
     with torch.no_grad():
         assert torch.allclose(again(x, c), enc(x, c), atol=1e-6)
+
+
+def test_channels_last_training_gives_the_contiguous_values_and_gradients():
+    """channels_last=True: the backbone's conv weights and its input channels-last in training,
+    the same loss and gradients as the contiguous layout up to float rounding; a contiguous
+    state_dict loads into it (and back) without a layout error."""
+    torch.manual_seed(0)
+    plain = CropEncoder("resnet10t", in_chans=5, feat_dim=32, num_categories=3).train()
+    fast = CropEncoder("resnet10t", in_chans=5, feat_dim=32, num_categories=3, channels_last=True).train()
+    fast.load_state_dict(plain.state_dict())
+    conv = fast.backbone.conv1[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x, c = torch.rand(8, 5, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    for enc in (plain, fast):
+        enc(x, c).pow(2).mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-4 * a.grad.abs().max() + 1e-8, name
+        assert b.grad.stride() == b.stride(), name  # the gradient keeps the weight's layout
+    for a, b in zip(plain.buffers(), fast.buffers()):  # BatchNorm statistics of that step
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6)
+    plain.load_state_dict(fast.state_dict())
